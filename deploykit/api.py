@@ -1,0 +1,474 @@
+"""The library API. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.backends.base import BatchRange, CompiledArtifact, CompileOptions, Runner
+from deploykit.backends.registry import backend_names, get_backend, require_backend
+from deploykit.errors import GateError, UserError
+from deploykit.fsutil import sha256_file, staged_dir, write_text_atomic
+from deploykit.harness.environment import cpu_info, usable_cores, versions
+from deploykit.harness.fidelity import PRECISION_TOLERANCE, Fidelity, compare_outputs
+from deploykit.harness.inputs import synthetic_images
+from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
+from deploykit.harness.report import Gate, Report, StageRecord, load_report
+from deploykit.models.catalogue import ModelSpec, list_models
+from deploykit.models.contract import InputContract
+from deploykit.models.loaders import RANDOM_WEIGHTS_NOTE, load_torch, resolve
+
+Step = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+@dataclass
+class ExportRequest:
+    """Everything `deploykit export` accepts; saved as recipe.resolved.yaml in the run folder.
+
+    Attributes:
+        model: Catalogue name, ``package.module:factory``, or a .onnx/.pt2/TorchScript path.
+        target: Backend name (torch, onnxruntime, openvino, tensorrt).
+        precision: fp32, fp16, bf16 (int8 arrives with calibration).
+        device: cpu or cuda.
+        weights: Optional local state_dict file.
+        seed: Seed of random initialisation and of the check inputs.
+        input_size: Optional (height, width) override of the model's input size.
+        batch: Batch to export (static) and measure at; default 1, or OPT of a dynamic range.
+        dynamic_batch: ``MIN:OPT:MAX`` for a dynamic batch dimension.
+        opset: ONNX opset.
+        exporter: auto, dynamo or torchscript.
+        threads: Runtime threads; default all usable cores.
+        runs: Minimum timed runs.
+        warmup: Warm-up runs.
+        min_seconds: Minimum timing duration.
+        fidelity_samples: Inputs compared against the FP32 PyTorch model.
+        out: Output root; the run folder is ``<out>/<model>/<target>-<precision>``.
+    """
+
+    model: str
+    target: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    weights: str | None = None
+    seed: int = 0
+    input_size: tuple[int, int] | None = None
+    batch: int | None = None
+    dynamic_batch: str | None = None
+    opset: int = 18
+    exporter: str = "auto"
+    threads: int | None = None
+    runs: int = 100
+    warmup: int = 10
+    min_seconds: float = 2.0
+    fidelity_samples: int = 100
+    out: str = "out"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def batch_range(self) -> BatchRange | None:
+        """The parsed dynamic batch range, or None."""
+        if self.dynamic_batch is None:
+            return None
+        try:
+            return BatchRange.parse(self.dynamic_batch)
+        except ValueError as exc:
+            raise UserError(f"{exc}; e.g. --dynamic-batch 1:4:16") from exc
+
+    def measure_batch(self) -> int:
+        """Batch used for latency and fidelity."""
+        rng = self.batch_range()
+        if self.batch is not None:
+            if self.batch < 1:
+                raise UserError(f"--batch must be at least 1, got {self.batch}")
+            if rng is not None and not rng.min <= self.batch <= rng.max:
+                raise UserError(f"--batch {self.batch} is outside --dynamic-batch {rng}")
+            return self.batch
+        return rng.opt if rng is not None else 1
+
+
+def list_catalogue() -> list[ModelSpec]:
+    """The model catalogue, emphasis families first."""
+    return list_models()
+
+
+def list_backends() -> list[dict[str, Any]]:
+    """Every backend: availability (with the reason), version and capabilities."""
+    rows = []
+    for name in backend_names():
+        backend = get_backend(name)
+        availability = backend.is_available()
+        row: dict[str, Any] = {
+            "name": name,
+            "display_name": backend.display_name,
+            "available": availability.ok,
+            "reason": "" if availability.ok else availability.message(),
+            "version": backend.version(),
+        }
+        if availability.ok:
+            caps = backend.capabilities()
+            row.update(precisions=list(caps.precisions), devices=list(caps.devices))
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class ExportResult:
+    """A finished run: its folder and its report."""
+
+    run_dir: Path
+    report: Report
+
+
+def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
+    """Run export -> fuse -> compile -> measure and write the run folder.
+
+    Returns:
+        The run folder and its report (also written there as report.json).
+
+    Raises:
+        UserError: Bad input or unavailable backend (nothing is written).
+        GateError: A numeric gate failed; the run folder is kept with status failed.
+    """
+    from deploykit.stages.export import ExportOptions, OnnxArtifact, export_onnx
+    from deploykit.stages.fuse import fuse_onnx
+
+    backend = require_backend(request.target)
+    caps = backend.capabilities()
+    if request.precision not in caps.precisions:
+        raise UserError(
+            f"target {backend.name} cannot run {request.precision} here; "
+            f"choose --precision {' or '.join(caps.precisions) or '(none)'}"
+        )
+    if request.device not in caps.devices:
+        raise UserError(
+            f"target {backend.name} has no {request.device} device here ({', '.join(caps.devices)})"
+        )
+    if request.precision not in PRECISION_TOLERANCE:
+        raise UserError(f"precision {request.precision} is not supported yet")
+    source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+    rng = request.batch_range()
+    batch = request.measure_batch()
+    threads = request.threads or usable_cores()
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    options = ExportOptions(
+        opset=request.opset,
+        exporter=request.exporter,
+        batch=batch if rng is None else 1,
+        dynamic_batch=rng,
+    )
+    if source.is_torch:
+        options.order()  # validate opset/exporter before any work
+    final = Path(request.out) / source.name / f"{backend.name}-{request.precision}"
+    report = Report(
+        model=source.name,
+        model_source=source.to_dict(),
+        target=backend.name,
+        device=cpu_info() if request.device == "cpu" else {"kind": request.device},
+        precision=request.precision,
+        weights="random" if source.random_weights else (source.weights_sha256 or "in-file"),
+        notes=[RANDOM_WEIGHTS_NOTE] if source.random_weights else [],
+        input={**contract.to_dict(), "batch": batch, "dynamic_batch": str(rng) if rng else None},
+        versions=versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    failure: GateError | None = None
+    with staged_dir(final) as work:
+        try:
+            module = None
+            if source.is_torch:
+                on_step("loading the PyTorch model")
+                module = load_torch(source)
+            onnx_fused: OnnxArtifact | None = None
+            if caps.needs_onnx:
+                started = time.perf_counter()
+                if module is not None:
+                    on_step("exporting to ONNX")
+                    onnx_src = export_onnx(module, contract, work / "model.onnx", options, on_step)
+                else:
+                    onnx_src = _import_onnx(Path(source.ref), work / "model.onnx")
+                _stage(
+                    report,
+                    "export",
+                    started,
+                    work,
+                    onnx_src.path,
+                    {
+                        "exporter": onnx_src.exporter or "none (ONNX input)",
+                        "opset": onnx_src.opset,
+                        "attempts": onnx_src.attempts,
+                        "checks": onnx_src.checks,
+                    },
+                )
+                on_step("fusing the graph")
+                started = time.perf_counter()
+                onnx_fused, fuse_report = fuse_onnx(
+                    onnx_src, work / "model.fused.onnx", contract, options.check_batches()
+                )
+                _stage(report, "fuse", started, work, onnx_fused.path, fuse_report.to_dict())
+            on_step(f"compiling for {backend.display_name}")
+            started = time.perf_counter()
+            artifact = backend.compile(
+                onnx_fused.path if onnx_fused else None,
+                work,
+                contract,
+                CompileOptions(
+                    precision=request.precision,
+                    device=request.device,
+                    threads=threads,
+                    batch=batch,
+                    dynamic_batch=rng,
+                    extra=dict(request.extra),
+                ),
+                source=source,
+            )
+            artifact.save()
+            report.effective_precision = artifact.effective_precision
+            report.backend = {
+                "name": backend.name,
+                "version": backend.version(),
+                "folder": artifact.folder.name,
+                "settings": artifact.settings,
+                **artifact.info,
+            }
+            _stage(report, "compile", started, work, artifact.folder, {"backend": backend.name})
+            report.gates.append(_precision_gate(request.precision, artifact.effective_precision))
+            with backend.runner(artifact) as runner:
+                on_step(f"checking fidelity on {request.fidelity_samples} inputs")
+                started = time.perf_counter()
+                fidelity, reference = _fidelity(
+                    runner,
+                    module,
+                    work / "model.onnx",
+                    contract,
+                    request.fidelity_samples,
+                    batch,
+                    request.seed,
+                )
+                report.fidelity = fidelity.to_dict()
+                report.fidelity_reference = reference
+                tolerance = PRECISION_TOLERANCE[request.precision]
+                violations = tolerance.violations(fidelity)
+                report.gates.append(
+                    Gate(
+                        name="fidelity",
+                        passed=not violations,
+                        detail="; ".join(violations)
+                        or (
+                            f"cosine {fidelity.cosine:.6f} >= {tolerance.min_cosine}, "
+                            f"rel err {fidelity.rel_err:.2g} <= {tolerance.max_rel_err:g}"
+                        ),
+                    )
+                )
+                _stage(report, "fidelity", started, work, None, {"reference": reference})
+                on_step("measuring latency")
+                started = time.perf_counter()
+                latency = _latency(runner, contract, batch, threads, request)
+                report.latency = latency.to_dict()
+                _stage(report, "latency", started, work, None, {})
+            del module
+            failed = [g for g in report.gates if not g.passed]
+            if failed:
+                report.status = "failed: " + ", ".join(g.name for g in failed)
+                failure = GateError(
+                    f"{source.name} on {backend.name}: "
+                    + "; ".join(f"{g.name} gate failed ({g.detail})" for g in failed)
+                )
+        except GateError as exc:
+            report.status = f"failed: {exc}"
+            failure = exc
+        write_text_atomic(work / "recipe.resolved.yaml", _recipe_yaml(request, batch, threads))
+        report.artifacts = _hash_artifacts(work)
+        report.save(work)
+    if failure is not None:
+        failure.run_dir = final
+        raise failure
+    return ExportResult(run_dir=final, report=report)
+
+
+def bench(
+    run_dir: str | Path,
+    runs: int = 100,
+    warmup: int = 10,
+    min_seconds: float = 2.0,
+    threads: int | None = None,
+    batch: int | None = None,
+    on_step: Step = _quiet,
+) -> dict[str, Any]:
+    """Measure the latency of an existing run folder's backend artifact again.
+
+    Returns:
+        A dict with model, target, precision, device, versions and latency.
+    """
+    folder = Path(run_dir)
+    report = load_report(folder)
+    backend = require_backend(report.target)
+    artifact = CompiledArtifact.load(folder / report.backend.get("folder", report.target))
+    if threads is not None:
+        _override_threads(artifact, threads)
+    measure_batch = batch or int(report.input.get("batch", 1))
+    on_step(f"measuring {report.model} on {backend.display_name}")
+    with backend.runner(artifact) as runner:
+        request = ExportRequest(
+            model=report.model,
+            target=report.target,
+            runs=runs,
+            warmup=warmup,
+            min_seconds=min_seconds,
+        )
+        latency = _latency(runner, artifact.contract, measure_batch, artifact.threads, request)
+    return {
+        "schema_version": 1,
+        "kind": "bench",
+        "run_dir": str(folder),
+        "model": report.model,
+        "target": report.target,
+        "precision": report.precision,
+        "effective_precision": report.effective_precision,
+        "device": cpu_info(),
+        "versions": versions(),
+        "latency": latency.to_dict(),
+    }
+
+
+def _override_threads(artifact: CompiledArtifact, threads: int) -> None:
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    artifact.threads = threads
+    if "INFERENCE_NUM_THREADS" in artifact.settings:
+        artifact.settings["INFERENCE_NUM_THREADS"] = threads
+
+
+def _import_onnx(src: Path, dst: Path) -> Any:
+    from deploykit.stages.export import OnnxArtifact
+    from deploykit.stages.onnxcheck import OrtSession, graph_opset, load_onnx, op_counts
+
+    model = load_onnx(src)
+    OrtSession(src)  # the file must also load in a runtime
+    shutil.copyfile(src, dst)
+    return OnnxArtifact(
+        path=dst,
+        opset=graph_opset(model),
+        input_name=model.graph.input[0].name,
+        op_counts=op_counts(model),
+    )
+
+
+def _stage(
+    report: Report,
+    name: str,
+    started: float,
+    work: Path,
+    artifact: Path | None,
+    details: dict[str, Any],
+) -> None:
+    size = None
+    rel = None
+    if artifact is not None:
+        rel = str(artifact.relative_to(work))
+        if artifact.is_dir():
+            size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+        else:
+            extra = artifact.with_name(artifact.name + ".data")
+            size = artifact.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+    report.stages.append(
+        StageRecord(
+            name=name,
+            seconds=round(time.perf_counter() - started, 3),
+            artifact=rel,
+            size_bytes=size,
+            details=details,
+        )
+    )
+
+
+def _precision_gate(requested: str, effective: str) -> Gate:
+    return Gate(
+        name="precision",
+        passed=requested == effective,
+        detail=f"requested {requested}, runtime computes in {effective}",
+    )
+
+
+def _fidelity(
+    runner: Runner,
+    module: Any,
+    onnx_path: Path,
+    contract: InputContract,
+    samples: int,
+    batch: int,
+    seed: int,
+) -> tuple[Fidelity, str]:
+    if samples < 1:
+        raise UserError("--fidelity-samples must be at least 1")
+    count = -(-samples // batch) * batch
+    inputs = synthetic_images(contract, count, seed=10_000 + seed)
+    reference: Callable[[np.ndarray], np.ndarray]
+    if module is not None:
+        import torch
+
+        from deploykit.backends.torch.backend import first_tensor
+
+        def torch_reference(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return np.asarray(first_tensor(module(torch.from_numpy(x))).float().numpy())
+
+        reference = torch_reference
+        label = "pytorch fp32"
+    else:
+        from deploykit.stages.onnxcheck import OrtSession
+
+        session = OrtSession(onnx_path)
+        reference = session.run
+        label = "onnxruntime fp32 on the input ONNX file"
+    refs, outs = [], []
+    for start in range(0, count, batch):
+        chunk = inputs[start : start + batch]
+        refs.append(reference(chunk))
+        outs.append(runner.infer(chunk))
+    return compare_outputs(np.concatenate(refs), np.concatenate(outs)), label
+
+
+def _latency(
+    runner: Runner, contract: InputContract, batch: int, threads: int, request: ExportRequest
+) -> LatencyStats:
+    if request.runs < 1:
+        raise UserError("--runs must be at least 1")
+    runner.prepare(synthetic_images(contract, batch, seed=99))
+    options = LatencyOptions(
+        warmup_runs=request.warmup,
+        runs=request.runs,
+        min_seconds=request.min_seconds,
+        max_seconds=max(60.0, request.min_seconds),
+    )
+    return measure(runner.run_prepared, batch=batch, threads=threads, options=options)
+
+
+def _hash_artifacts(work: Path) -> dict[str, str]:
+    hashes = {}
+    for path in sorted(work.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and path.name != "report.json":
+            hashes[str(path.relative_to(work))] = sha256_file(path)
+    return hashes
+
+
+def _recipe_yaml(request: ExportRequest, batch: int, threads: int) -> str:
+    import yaml
+
+    data = asdict(request)
+    data["input_size"] = list(request.input_size) if request.input_size else None
+    data["batch"] = batch
+    data["threads"] = threads
+    return "# Options that produced this run (deploykit export).\n" + yaml.safe_dump(
+        data, sort_keys=False
+    )

@@ -1,0 +1,1 @@
+"""ONNX Runtime backend (CPU execution provider; CUDA where onnxruntime-gpu is installed)."""

@@ -1,0 +1,1 @@
+"""OpenVINO backend (CPU plugin): compile to IR xml/bin with pinned inference precision."""

@@ -1,0 +1,1 @@
+"""TensorRT backend (strongly typed engines; build path arrives with the GPU targets)."""

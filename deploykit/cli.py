@@ -1,0 +1,282 @@
+"""The `deploykit` command line: each command parses options and calls one api function.
+
+Nothing heavy is imported at module level: `deploykit --help` imports neither
+torch nor any runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from deploykit import __version__
+from deploykit.errors import DeployKitError
+
+
+class _Group(click.Group):
+    """Turns deploykit's typed errors into one line on stderr and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeployKitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            run_dir = getattr(exc, "run_dir", None)
+            if run_dir is not None:
+                click.echo(f"the failed run is kept in {run_dir} (status in report.json)", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace("x", " ").split()
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) not in (1, 2) or min(dims) < 8:
+        raise click.BadParameter("expected H or HxW, each at least 8 (e.g. 224 or 240x320)")
+    return (dims[0], dims[-1])
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deploykit")
+def main() -> None:
+    """Export PyTorch CNNs, compile them for a runtime, and prove them fast and accurate."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", "-t", required=True, help="torch, onnxruntime, openvino or tensorrt.")
+@click.option("--precision", "-p", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
+@click.option("--input-size", help="Override the input size: H or HxW.")
+@click.option("--batch", type=int, help="Batch to export and measure at [default: 1, or OPT].")
+@click.option("--dynamic-batch", help="Dynamic batch range MIN:OPT:MAX, e.g. 1:4:16.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "dynamo", "torchscript"]),
+    default="auto",
+    show_default=True,
+    help="torch.onnx exporter; auto tries dynamo, then TorchScript.",
+)
+@click.option("--threads", type=int, help="Runtime threads [default: all usable cores].")
+@click.option("--runs", type=int, default=100, show_default=True, help="Minimum timed runs.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Warm-up runs.")
+@click.option("--min-seconds", type=float, default=2.0, show_default=True, help="Minimum timing.")
+@click.option(
+    "--fidelity-samples",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Inputs compared against the FP32 PyTorch model.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of random weights and inputs."
+)
+@click.option("--out", "-o", default="out", show_default=True, help="Output root folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export(
+    model: str,
+    target: str,
+    precision: str,
+    device: str,
+    weights: str | None,
+    input_size: str | None,
+    batch: int | None,
+    dynamic_batch: str | None,
+    opset: int,
+    exporter: str,
+    threads: int | None,
+    runs: int,
+    warmup: int,
+    min_seconds: float,
+    fidelity_samples: int,
+    seed: int,
+    out: str,
+    as_json: bool,
+) -> None:
+    """Export MODEL, fuse, compile for --target, and measure latency and fidelity.
+
+    MODEL is a catalogue name (see `deploykit models`), package.module:factory,
+    or a .onnx, .pt2 or TorchScript file.
+    """
+    from deploykit import api
+    from deploykit.harness.display import render_report
+
+    request = api.ExportRequest(
+        model=model,
+        target=target,
+        precision=precision,
+        device=device,
+        weights=weights,
+        seed=seed,
+        input_size=_parse_size(input_size),
+        batch=batch,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        exporter=exporter,
+        threads=threads,
+        runs=runs,
+        warmup=warmup,
+        min_seconds=min_seconds,
+        fidelity_samples=fidelity_samples,
+        out=out,
+    )
+    err = _console(stderr=True)
+    with err.status(f"{model} → {target}") as status:
+        result = api.export(
+            request, on_step=lambda text: status.update(f"{model} → {target}: {text}")
+        )
+    if as_json:
+        click.echo(json.dumps(result.report.model_dump(mode="json"), indent=2))
+    else:
+        render_report(_console(), result.report, str(result.run_dir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--runs", type=int, default=100, show_default=True, help="Minimum timed runs.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Warm-up runs.")
+@click.option("--min-seconds", type=float, default=2.0, show_default=True, help="Minimum timing.")
+@click.option("--threads", type=int, help="Override the run's thread count.")
+@click.option("--batch", type=int, help="Override the run's batch (dynamic-batch artifacts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(
+    run_dir: str,
+    runs: int,
+    warmup: int,
+    min_seconds: float,
+    threads: int | None,
+    batch: int | None,
+    as_json: bool,
+) -> None:
+    """Measure the latency of a run folder's compiled artifact again."""
+    from deploykit import api
+    from deploykit.harness.display import render_bench
+
+    with _console(stderr=True).status(f"benchmarking {run_dir}") as status:
+        result = api.bench(
+            run_dir,
+            runs=runs,
+            warmup=warmup,
+            min_seconds=min_seconds,
+            threads=threads,
+            batch=batch,
+            on_step=status.update,
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render_bench(_console(), result)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option(
+    "--targets",
+    default="torch,onnxruntime,openvino",
+    show_default=True,
+    help="Comma-separated targets; torch is the baseline of the speedups.",
+)
+@click.option("--precision", "-p", default="fp32", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, help="Runtime threads [default: all usable cores].")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds.")
+@click.option("--runs", type=int, default=50, show_default=True, help="Minimum runs per round.")
+@click.option(
+    "--min-seconds", type=float, default=1.0, show_default=True, help="Minimum per round."
+)
+@click.option("--input-size", help="Override the input size: H or HxW.")
+@click.option("--benchmark-app", is_flag=True, help="Also time the OpenVINO IR with benchmark_app.")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Write a Markdown table here.")
+@click.option("--out", "-o", default="out/compare", show_default=True, help="Work folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def compare(
+    models: tuple[str, ...],
+    targets: str,
+    precision: str,
+    batch: int,
+    threads: int | None,
+    rounds: int,
+    runs: int,
+    min_seconds: float,
+    input_size: str | None,
+    benchmark_app: bool,
+    markdown: str | None,
+    out: str,
+    as_json: bool,
+) -> None:
+    """Measure MODELS on several targets in one run, with speedups over torch eager."""
+    from pathlib import Path
+
+    from deploykit.fsutil import write_text_atomic
+    from deploykit.harness.compare import CompareOptions, to_markdown
+    from deploykit.harness.compare import compare as run_compare
+    from deploykit.harness.display import render_compare
+
+    options = CompareOptions(
+        models=list(models),
+        targets=[t.strip() for t in targets.split(",") if t.strip()],
+        precision=precision,
+        batch=batch,
+        threads=threads,
+        rounds=rounds,
+        runs=runs,
+        min_seconds=min_seconds,
+        input_size=_parse_size(input_size),
+        benchmark_app=benchmark_app,
+        out=out,
+    )
+    with _console(stderr=True).status("comparing") as status:
+        result = run_compare(options, on_step=status.update)
+    if markdown:
+        write_text_atomic(Path(markdown), to_markdown(result))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render_compare(_console(), result)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def models(as_json: bool) -> None:
+    """List the model catalogue with each model's input contract."""
+    from deploykit import api
+    from deploykit.harness.display import render_models
+
+    rows = [spec.to_dict() for spec in api.list_catalogue()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_models(_console(), rows)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def backends(as_json: bool) -> None:
+    """Show which backends are installed, their versions, and why one is unavailable."""
+    from deploykit import api
+    from deploykit.harness.display import render_backends
+
+    rows = api.list_backends()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_backends(_console(), rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

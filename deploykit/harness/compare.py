@@ -1,0 +1,228 @@
+"""Compare backends on the same models in one run: latency and speedup over torch eager.
+
+Each model is exported and fused once; every target compiles the same fused
+graph. Targets are then timed in interleaved rounds (round 1: torch, ORT,
+OpenVINO; round 2: the same, ...) so slow drifts of a noisy machine hit every
+target alike, and each figure is the median over rounds of the per-round p50.
+Optionally OpenVINO's own `benchmark_app` times the same IR with the same
+threads and batch, to show deploykit's harness adds no overhead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploykit.backends.base import CompiledArtifact, CompileOptions, Runner
+from deploykit.backends.registry import require_backend
+from deploykit.errors import UserError
+from deploykit.harness.environment import cpu_info, usable_cores, versions
+from deploykit.harness.inputs import synthetic_images
+from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
+
+Step = Callable[[str], None]
+
+
+@dataclass
+class CompareOptions:
+    """What `deploykit compare` measures."""
+
+    models: list[str]
+    targets: list[str] = field(default_factory=lambda: ["torch", "onnxruntime", "openvino"])
+    precision: str = "fp32"
+    batch: int = 1
+    threads: int | None = None
+    rounds: int = 3
+    runs: int = 50
+    min_seconds: float = 1.0
+    input_size: tuple[int, int] | None = None
+    benchmark_app: bool = False
+    out: str = "out/compare"
+
+
+def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str, Any]:
+    """Measure every model on every target; return rows with p50s and speedups over torch."""
+    from deploykit.models.loaders import load_torch, resolve
+    from deploykit.stages.export import ExportOptions, export_onnx
+    from deploykit.stages.fuse import fuse_onnx
+
+    if options.rounds < 1 or options.runs < 1:
+        raise UserError("--rounds and --runs must be at least 1")
+    threads = options.threads or usable_cores()
+    backends = {name: require_backend(name) for name in options.targets}
+    rows: list[dict[str, Any]] = []
+    for model in options.models:
+        source, contract = resolve(model, input_size=options.input_size)
+        folder = Path(options.out) / source.name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        on_step(f"{model}: export and fuse")
+        module = load_torch(source)
+        exported = export_onnx(
+            module, contract, folder / "model.onnx", ExportOptions(batch=options.batch)
+        )
+        fused, _ = fuse_onnx(exported, folder / "model.fused.onnx", contract, [options.batch])
+        del module
+        artifacts: dict[str, CompiledArtifact] = {}
+        for name, backend in backends.items():
+            on_step(f"{model}: compile for {name}")
+            artifacts[name] = backend.compile(
+                fused.path,
+                folder,
+                contract,
+                CompileOptions(precision=options.precision, threads=threads, batch=options.batch),
+                source=source,
+            )
+        batch = synthetic_images(contract, options.batch, seed=99)
+        runners: dict[str, Runner] = {}
+        for name, artifact in artifacts.items():
+            runners[name] = backends[name].runner(artifact)
+            runners[name].activate()
+            runners[name].prepare(batch)
+        per_round: dict[str, list[LatencyStats]] = {name: [] for name in runners}
+        lat_opts = LatencyOptions(runs=options.runs, min_seconds=options.min_seconds)
+        for index in range(options.rounds):
+            for name, runner in runners.items():
+                on_step(f"{model}: round {index + 1}/{options.rounds} on {name}")
+                time.sleep(0.2)  # let the previous runtime's worker threads go idle
+                per_round[name].append(
+                    measure(runner.run_prepared, options.batch, threads, lat_opts)
+                )
+        for runner in runners.values():
+            runner.deactivate()
+        ov_app = None
+        if options.benchmark_app and "openvino" in artifacts:
+            on_step(f"{model}: OpenVINO benchmark_app")
+            ov_app = run_benchmark_app(
+                artifacts["openvino"],
+                options.batch,
+                threads,
+                options.runs * options.rounds,
+                options.precision,
+            )
+        torch_p50 = (
+            statistics.median(s.p50_ms for s in per_round["torch"])
+            if "torch" in per_round
+            else None
+        )
+        for name, stats in per_round.items():
+            p50 = statistics.median(s.p50_ms for s in stats)
+            rows.append(
+                {
+                    "model": source.name,
+                    "target": name,
+                    "precision": artifacts[name].effective_precision,
+                    "batch": options.batch,
+                    "threads": threads,
+                    "p50_ms": p50,
+                    "p90_ms": statistics.median(s.p90_ms for s in stats),
+                    "p99_ms": statistics.median(s.p99_ms for s in stats),
+                    "round_p50s_ms": [round(s.p50_ms, 3) for s in stats],
+                    "spread_pct": 100
+                    * (max(s.p50_ms for s in stats) - min(s.p50_ms for s in stats))
+                    / p50,
+                    "speedup_vs_torch": (torch_p50 / p50) if torch_p50 else None,
+                    "benchmark_app_median_ms": ov_app if name == "openvino" else None,
+                }
+            )
+    return {
+        "schema_version": 1,
+        "kind": "compare",
+        "device": cpu_info(),
+        "versions": versions(),
+        "options": {
+            "rounds": options.rounds,
+            "runs": options.runs,
+            "min_seconds": options.min_seconds,
+            "batch": options.batch,
+            "threads": threads,
+            "precision": options.precision,
+        },
+        "rows": rows,
+    }
+
+
+def run_benchmark_app(
+    artifact: CompiledArtifact, batch: int, threads: int, iterations: int, precision: str
+) -> float | None:
+    """Time the IR with OpenVINO's benchmark_app: one stream and request, same threads/precision.
+
+    Returns:
+        benchmark_app's median latency in ms, or None when benchmark_app is not installed.
+    """
+    if importlib.util.find_spec("openvino.tools.benchmark") is None:
+        return None
+    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(precision, "f32")
+    contract = artifact.contract
+    shape = f"[{batch},{contract.channels},{contract.height},{contract.width}]"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from openvino.tools.benchmark.main import main; "
+        "sys.argv[0] = 'benchmark_app'; sys.exit(main())",
+        "-m",
+        str(artifact.folder / "model.xml"),
+        "-d",
+        "CPU",
+        "-hint",
+        "none",
+        "-nstreams",
+        "1",
+        "-nireq",
+        "1",
+        "-nthreads",
+        str(threads),
+        "-niter",
+        str(max(iterations, 50)),
+        "-infer_precision",
+        hint,
+        "-shape",
+        shape,
+        "-api",
+        "sync",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    match = re.search(r"Median:\s+([0-9.]+)\s+ms", done.stdout)
+    if done.returncode != 0 or match is None:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"benchmark_app failed: {tail[0]}")
+    return float(match.group(1))
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Markdown table of a compare result, with the machine described."""
+    dev = result["device"]
+    ver = result["versions"]
+    opts = result["options"]
+    lines = [
+        f"Machine: {dev['name']} ({dev['arch']}), {dev['cores']} cores usable, "
+        f"CPU features: {', '.join(dev['features']) or 'none detected'}.",
+        f"Versions: torch {ver['torch']}, onnxruntime {ver['onnxruntime']}, "
+        f"openvino {ver['openvino']}, python {ver['python']}.",
+        f"Batch {opts['batch']}, {opts['threads']} threads, precision {opts['precision']}; "
+        f"{opts['rounds']} interleaved rounds of at least {opts['runs']} runs and "
+        f"{opts['min_seconds']} s each; p50 = median over rounds of each round's p50.",
+        "",
+        "| model | target | runs in | p50 ms | p90 ms | p99 ms | round spread "
+        "| speedup vs torch | benchmark_app median ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        speed = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else ""
+        app = f"{row['benchmark_app_median_ms']:.2f}" if row["benchmark_app_median_ms"] else ""
+        lines.append(
+            f"| {row['model']} | {row['target']} | {row['precision']} | {row['p50_ms']:.2f} | "
+            f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['spread_pct']:.1f}% | "
+            f"{speed} | {app} |"
+        )
+    return "\n".join(lines) + "\n"

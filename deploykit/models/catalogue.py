@@ -1,0 +1,175 @@
+"""The model catalogue: name -> builder, input contract and reference accuracy.
+
+Every torchvision classification model is listed, the emphasis families
+(MobileNet, ShuffleNet, SqueezeNet, grouped convolutions) first. A model is
+built with random weights from a fixed seed unless a local weights file is given:
+nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from deploykit.errors import ModelNotFoundError
+from deploykit.models.contract import InputContract
+
+if TYPE_CHECKING:
+    import torch
+
+# Family prefixes in listing order: the emphasis families first.
+FAMILY_ORDER: tuple[tuple[str, str], ...] = (
+    ("mobilenet_v2", "mobilenet"),
+    ("mobilenet_v3", "mobilenet"),
+    ("shufflenet_v2", "shufflenet"),
+    ("squeezenet", "squeezenet"),
+    ("mnasnet", "mobilenet"),
+    ("resnext", "resnext"),
+    ("resnet", "resnet"),
+    ("wide_resnet", "resnet"),
+    ("densenet", "densenet"),
+    ("googlenet", "inception"),
+    ("inception", "inception"),
+    ("vgg", "vgg"),
+    ("alexnet", "alexnet"),
+    ("efficientnet", "efficientnet"),
+    ("regnet", "regnet"),
+    ("convnext", "convnext"),
+    ("maxvit", "transformer"),
+    ("swin", "transformer"),
+    ("vit", "transformer"),
+)
+EMPHASIS_FAMILIES = frozenset({"mobilenet", "shufflenet", "squeezenet"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalogue entry.
+
+    Attributes:
+        name: Catalogue name, e.g. ``resnet50``.
+        family: Architecture family, e.g. ``resnet``.
+        source: Where the builder comes from (``torchvision`` or ``deploykit``).
+        contract: The input contract.
+        builder: Callable returning a randomly initialised ``torch.nn.Module``.
+        reference_top1: Published ImageNet top-1 of the real weights, if any.
+        num_params: Parameter count, if known without building.
+        emphasis: True for the depthwise/grouped/fire-module families.
+    """
+
+    name: str
+    family: str
+    source: str
+    contract: InputContract
+    builder: Callable[[], torch.nn.Module] = field(repr=False, compare=False)
+    reference_top1: float | None = None
+    num_params: int | None = None
+    emphasis: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form for `deploykit models --json`."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "source": self.source,
+            "emphasis": self.emphasis,
+            "num_params": self.num_params,
+            "reference_top1": self.reference_top1,
+            "input": self.contract.to_dict(),
+        }
+
+
+_EXTRA: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    """Add a model to the catalogue (used by deploykit's own model zoo and by plugins)."""
+    _EXTRA[spec.name] = spec
+
+
+def _family_of(name: str) -> tuple[int, str]:
+    for rank, (prefix, family) in enumerate(FAMILY_ORDER):
+        if name.startswith(prefix):
+            return rank, family
+    return len(FAMILY_ORDER), "other"
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _torchvision_builder(name: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import torchvision
+
+        kwargs: dict[str, Any] = {"weights": None}
+        if name in ("googlenet", "inception_v3"):
+            kwargs["init_weights"] = True
+        return torchvision.models.get_model(name, **kwargs)
+
+    return build
+
+
+def _torchvision_spec(name: str) -> ModelSpec:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    crop = int(transform.crop_size[0])
+    resize = int(transform.resize_size[0])
+    contract = InputContract(
+        height=crop,
+        width=crop,
+        resize=resize,
+        mean=tuple(float(v) for v in transform.mean),
+        std=tuple(float(v) for v in transform.std),
+        interpolation=transform.interpolation.value,
+        num_classes=len(weights.meta["categories"]),
+    )
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    _, family = _family_of(name)
+    return ModelSpec(
+        name=name,
+        family=family,
+        source="torchvision",
+        contract=contract,
+        builder=_torchvision_builder(name),
+        reference_top1=metrics.get("acc@1"),
+        num_params=weights.meta.get("num_params"),
+        emphasis=family in EMPHASIS_FAMILIES,
+    )
+
+
+@cache
+def _torchvision_specs() -> dict[str, ModelSpec]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return {name: _torchvision_spec(name) for name in names}
+
+
+def list_models() -> list[ModelSpec]:
+    """All catalogue entries, emphasis families first, then by family and natural name order."""
+    specs = {**_torchvision_specs(), **_EXTRA}
+    return sorted(specs.values(), key=lambda s: (_family_of(s.name)[0], _natural_key(s.name)))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """Look up a catalogue entry by name.
+
+    Raises:
+        ModelNotFoundError: With the closest names as suggestions.
+    """
+    specs = {**_torchvision_specs(), **_EXTRA}
+    if name in specs:
+        return specs[name]
+    close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: {hint}run `deploykit models` for the catalogue, or pass "
+        "a .onnx/.pt2/TorchScript file or a package.module:factory"
+    )
