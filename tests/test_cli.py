@@ -212,3 +212,30 @@ def test_console_script_with_a_factory_model(tmp_path: Path, cli_env: dict[str, 
     report = json.loads(proc.stdout)
     assert report["model"] == "tiny_net" and report["model_source"]["kind"] == "factory"
     assert report["fidelity"]["cosine"] >= 0.9999
+
+
+@pytest.mark.onnxruntime
+@pytest.mark.openvino
+def test_compare_writes_speedups_and_benchmark_app(tmp_path: Path) -> None:
+    from deploykit.harness.compare import benchmark_app_available
+
+    md = tmp_path / "bench.md"
+    result = json.loads(
+        _invoke(
+            ["compare", "squeezenet1_1", "--input-size", "64", "--rounds", "2", "--runs", "5"]
+            + ["--min-seconds", "0.05", "--benchmark-app", "--markdown", str(md)]
+            + ["--out", str(tmp_path / "work"), "--json"]
+        ).stdout
+    )
+    rows = {r["target"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "onnxruntime", "openvino"}
+    assert rows["torch"]["speedup_vs_torch"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["p50_ms"] > 0 and len(row["round_p50s_ms"]) == 2
+        assert row["precision"] == "fp32"
+    assert result["options"]["benchmark_app"] == benchmark_app_available()
+    if benchmark_app_available():
+        assert len(rows["openvino"]["benchmark_app_round_medians_ms"]) == 2
+        assert rows["openvino"]["benchmark_app_median_ms"] > 0
+    text = md.read_text()
+    assert "| squeezenet1_1 | openvino | fp32 |" in text and "CPU features" in text

@@ -90,6 +90,8 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
             runners[name].activate()
             runners[name].prepare(batch)
         per_round: dict[str, list[LatencyStats]] = {name: [] for name in runners}
+        app_rounds: list[float] = []
+        with_app = options.benchmark_app and "openvino" in artifacts and benchmark_app_available()
         lat_opts = LatencyOptions(runs=options.runs, min_seconds=options.min_seconds)
         for index in range(options.rounds):
             for name, runner in runners.items():
@@ -98,18 +100,21 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
                 per_round[name].append(
                     measure(runner.run_prepared, options.batch, threads, lat_opts)
                 )
+            if with_app:
+                # benchmark_app runs inside the same round, so it sees the same machine state.
+                on_step(f"{model}: round {index + 1}/{options.rounds} on benchmark_app")
+                app_rounds.append(
+                    run_benchmark_app(
+                        artifacts["openvino"],
+                        options.batch,
+                        threads,
+                        per_round["openvino"][-1].runs,
+                        options.precision,
+                    )
+                )
         for runner in runners.values():
             runner.deactivate()
-        ov_app = None
-        if options.benchmark_app and "openvino" in artifacts:
-            on_step(f"{model}: OpenVINO benchmark_app")
-            ov_app = run_benchmark_app(
-                artifacts["openvino"],
-                options.batch,
-                threads,
-                options.runs * options.rounds,
-                options.precision,
-            )
+        ov_app = statistics.median(app_rounds) if app_rounds else None
         torch_p50 = (
             statistics.median(s.p50_ms for s in per_round["torch"])
             if "torch" in per_round
@@ -133,6 +138,7 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
                     / p50,
                     "speedup_vs_torch": (torch_p50 / p50) if torch_p50 else None,
                     "benchmark_app_median_ms": ov_app if name == "openvino" else None,
+                    "benchmark_app_round_medians_ms": app_rounds if name == "openvino" else [],
                 }
             )
     return {
@@ -147,21 +153,31 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
             "batch": options.batch,
             "threads": threads,
             "precision": options.precision,
+            "benchmark_app": options.benchmark_app and benchmark_app_available(),
         },
         "rows": rows,
     }
 
 
+def benchmark_app_available() -> bool:
+    """Whether OpenVINO's benchmark_app (shipped in the openvino wheel) can be imported."""
+    try:
+        return importlib.util.find_spec("openvino.tools.benchmark") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def run_benchmark_app(
     artifact: CompiledArtifact, batch: int, threads: int, iterations: int, precision: str
-) -> float | None:
+) -> float:
     """Time the IR with OpenVINO's benchmark_app: one stream and request, same threads/precision.
 
     Returns:
-        benchmark_app's median latency in ms, or None when benchmark_app is not installed.
+        benchmark_app's median latency in ms.
+
+    Raises:
+        UserError: benchmark_app failed or printed no median.
     """
-    if importlib.util.find_spec("openvino.tools.benchmark") is None:
-        return None
     hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(precision, "f32")
     contract = artifact.contract
     shape = f"[{batch},{contract.channels},{contract.height},{contract.width}]"
@@ -192,11 +208,13 @@ def run_benchmark_app(
         "sync",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    match = re.search(r"Median:\s+([0-9.]+)\s+ms", done.stdout)
+    # benchmark_app prints the median in ms, or in us below one millisecond.
+    match = re.search(r"Median:\s+([0-9.]+)\s+(ms|us)\b", done.stdout)
     if done.returncode != 0 or match is None:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"benchmark_app failed: {tail[0]}")
-    return float(match.group(1))
+    value = float(match.group(1))
+    return value / 1000.0 if match.group(2) == "us" else value
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -214,15 +232,17 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{opts['min_seconds']} s each; p50 = median over rounds of each round's p50.",
         "",
         "| model | target | runs in | p50 ms | p90 ms | p99 ms | round spread "
-        "| speedup vs torch | benchmark_app median ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| speedup vs torch | benchmark_app median ms | deploykit / benchmark_app |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         speed = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else ""
-        app = f"{row['benchmark_app_median_ms']:.2f}" if row["benchmark_app_median_ms"] else ""
+        app_ms = row["benchmark_app_median_ms"]
+        app = f"{app_ms:.2f}" if app_ms else ""
+        ratio = f"{row['p50_ms'] / app_ms:.3f}" if app_ms else ""
         lines.append(
             f"| {row['model']} | {row['target']} | {row['precision']} | {row['p50_ms']:.2f} | "
             f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['spread_pct']:.1f}% | "
-            f"{speed} | {app} |"
+            f"{speed} | {app} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
