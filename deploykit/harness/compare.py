@@ -222,7 +222,19 @@ def to_markdown(result: dict[str, Any]) -> str:
     dev = result["device"]
     ver = result["versions"]
     opts = result["options"]
+    models = list(dict.fromkeys(row["model"] for row in result["rows"]))
+    targets = list(dict.fromkeys(row["target"] for row in result["rows"]))
+    command = (
+        f"deploykit compare {' '.join(models)} --targets {','.join(targets)} "
+        f"--precision {opts['precision']} --batch {opts['batch']} --threads {opts['threads']} "
+        f"--rounds {opts['rounds']} --runs {opts['runs']} --min-seconds {opts['min_seconds']}"
+        + (" --benchmark-app" if opts.get("benchmark_app") else "")
+    )
     lines = [
+        "# CPU latency: torch eager vs ONNX Runtime vs OpenVINO",
+        "",
+        f"Produced by `{command} --markdown <this file>`.",
+        "",
         f"Machine: {dev['name']} ({dev['arch']}), {dev['cores']} cores usable, "
         f"CPU features: {', '.join(dev['features']) or 'none detected'}.",
         f"Versions: torch {ver['torch']}, onnxruntime {ver['onnxruntime']}, "
