@@ -153,6 +153,13 @@ def export(
 @click.option("--min-seconds", type=float, default=2.0, show_default=True, help="Minimum timing.")
 @click.option("--threads", type=int, help="Override the run's thread count.")
 @click.option("--batch", type=int, help="Override the run's batch (dynamic-batch artifacts).")
+@click.option(
+    "--rounds",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Independent rounds the runs are spread over (noise estimate for regress).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(
     run_dir: str,
@@ -161,9 +168,13 @@ def bench(
     min_seconds: float,
     threads: int | None,
     batch: int | None,
+    rounds: int,
     as_json: bool,
 ) -> None:
-    """Measure the latency of a run folder's compiled artifact again."""
+    """Measure the latency of a run folder's compiled artifact again.
+
+    `--json` output can be given to `deploykit regress --current`.
+    """
     from deploykit import api
     from deploykit.harness.display import render_bench
 
@@ -175,6 +186,7 @@ def bench(
             min_seconds=min_seconds,
             threads=threads,
             batch=batch,
+            rounds=rounds,
             on_step=status.update,
         )
     if as_json:
@@ -248,6 +260,147 @@ def compare(
         click.echo(json.dumps(result, indent=2))
     else:
         render_compare(_console(), result)
+
+
+def _parse_tolerance(value: str) -> float:
+    text = value.strip()
+    try:
+        number = float(text.rstrip("%"))
+    except ValueError:
+        raise click.BadParameter(f"expected a percentage such as 10%, got {value!r}") from None
+    return number / 100 if text.endswith("%") or number >= 1 else number
+
+
+@main.command()
+@click.option(
+    "--baseline",
+    "-b",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Baseline JSON file (created with --update-baseline).",
+)
+@click.option(
+    "--current",
+    "-c",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Measurements to check: `deploykit bench --json` output (repeatable).",
+)
+@click.option(
+    "--run",
+    "run_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Run folder to measure now (repeatable; measured in interleaved rounds).",
+)
+@click.option("--tolerance", default="10%", show_default=True, help="Allowed latency change.")
+@click.option(
+    "--accuracy-tolerance",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Allowed drop of top-1 or top-1 agreement, in points.",
+)
+@click.option(
+    "--normalise",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Divide latencies by the reference workload's (auto: when the CPU differs).",
+)
+@click.option("--rounds", type=int, default=20, show_default=True, help="Rounds for --run.")
+@click.option("--runs", type=int, default=10, show_default=True, help="Runs per round (--run).")
+@click.option(
+    "--min-seconds", type=float, default=0.3, show_default=True, help="Seconds per round (--run)."
+)
+@click.option("--threads", type=int, help="Override the run folders' thread counts (--run).")
+@click.option(
+    "--pair/--no-pair",
+    default=True,
+    show_default=True,
+    help="Re-measure the baseline's own artifact in the same rounds when it is still on disk.",
+)
+@click.option("--update-baseline", is_flag=True, help="Record the measurements as the baseline.")
+@click.option(
+    "--store-artifacts",
+    is_flag=True,
+    help="With --update-baseline: copy the run folders beside the baseline for --pair.",
+)
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False),
+    help="Write a Markdown summary here [default: $GITHUB_STEP_SUMMARY when set].",
+)
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write JUnit XML here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def regress(
+    baseline: str,
+    current: tuple[str, ...],
+    run_dirs: tuple[str, ...],
+    tolerance: str,
+    accuracy_tolerance: float,
+    normalise: str,
+    rounds: int,
+    runs: int,
+    min_seconds: float,
+    threads: int | None,
+    pair: bool,
+    update_baseline: bool,
+    store_artifacts: bool,
+    markdown: str | None,
+    junit: str | None,
+    as_json: bool,
+) -> None:
+    """Check latency and accuracy against a stored baseline (exit 1 on a regression).
+
+    A slowdown counts only when it exceeds both --tolerance and the noise measured
+    from the spread of the rounds; otherwise the entry is reported as noisy.
+    """
+    import os
+    from pathlib import Path
+
+    from deploykit import api
+    from deploykit.fsutil import write_text_atomic
+    from deploykit.harness.display import render_regress
+    from deploykit.regress.measure import MeasureOptions
+    from deploykit.regress.outputs import to_junit, to_markdown
+    from deploykit.regress.verdict import CheckOptions
+
+    check = CheckOptions(
+        tolerance=_parse_tolerance(tolerance),
+        accuracy_tolerance=accuracy_tolerance,
+        normalise=normalise,
+        pair=pair,
+    )
+    options = MeasureOptions(rounds=rounds, runs=runs, min_seconds=min_seconds, threads=threads)
+    with _console(stderr=True).status("measuring") as status:
+        result = api.regress(
+            baseline,
+            current=list(current),
+            run_dirs=list(run_dirs),
+            check=check,
+            measure_options=options,
+            update_baseline=update_baseline,
+            store_artifacts=store_artifacts,
+            on_step=status.update,
+        )
+    if result["kind"] == "regress":
+        summary_path = markdown or os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary_path:
+            text = to_markdown(result)
+            if markdown:
+                write_text_atomic(Path(markdown), text)
+            else:
+                with open(summary_path, "a", encoding="utf-8") as handle:
+                    handle.write(text)
+        if junit:
+            write_text_atomic(Path(junit), to_junit(result))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render_regress(_console(), result)
+    if result["regressions"]:
+        sys.exit(1)
 
 
 @main.command()

@@ -221,3 +221,43 @@ def render_compare(console: Console, result: dict[str, Any]) -> None:
             app,
         )
     console.print(table)
+
+
+def render_regress(console: Console, result: dict[str, Any]) -> None:
+    """Verdict table of `deploykit regress` (or what --update-baseline recorded)."""
+    if result["kind"] == "regress-update":
+        console.print(f"baseline {result['baseline']}: recorded {', '.join(result['updated'])}")
+        for diff in result["environment_differences"]:
+            console.print(f"[yellow]environment changed:[/] {diff}")
+        return
+    mode = "normalised by the reference workload" if result["normalised"] else "raw latencies"
+    table = Table(
+        title=f"regress vs {result['baseline']} · tolerance "
+        f"{100 * result['options']['tolerance']:g}% · {result['rounds']} rounds · {mode}",
+        title_justify="left",
+    )
+    for col in ("entry", "verdict", "baseline p50", "current p50", "ratio", "90% interval"):
+        table.add_column(
+            col,
+            justify="left" if col in ("entry", "verdict") else "right",
+            overflow="fold",
+        )
+    colours = {"ok": "green", "faster": "cyan", "slower": "red", "accuracy": "red"}
+    for v in result["verdicts"]:
+        colour = colours.get(v["verdict"], "yellow")
+        table.add_row(
+            v["key"],
+            f"[{colour}]{v['verdict']}[/]",
+            f"{v['baseline_p50_ms']:.2f} ms",
+            f"{v['current_p50_ms']:.2f} ms",
+            f"{v['ratio']:.3f}",
+            f"{v['ci_low']:.3f}–{v['ci_high']:.3f}",
+        )
+    console.print(table)
+    for v in result["verdicts"]:
+        for line in v["accuracy"] + v["notes"]:
+            console.print(f"{v['key']}: {line}")
+    for diff in result["environment_differences"]:
+        console.print(f"[yellow]warning: environment differs from the baseline:[/] {diff}")
+    n = result["regressions"]
+    console.print(f"[red]{n} regression(s)[/]" if n else "[green]no regression[/]")

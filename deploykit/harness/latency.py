@@ -33,6 +33,7 @@ class LatencyOptions:
 class LatencyStats:
     """Latency figures of one measurement (milliseconds per call)."""
 
+    p10_ms: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -57,9 +58,10 @@ def stats_from_samples(
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     if ms.size == 0:
         raise ValueError("no latency samples")
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
     mean = float(ms.mean())
     return LatencyStats(
+        p10_ms=float(p10),
         p50_ms=float(p50),
         p90_ms=float(p90),
         p99_ms=float(p99),

@@ -1,0 +1,1 @@
+"""Latency and accuracy regression checks against a stored baseline (`deploykit regress`)."""
