@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from deploykit.errors import UserError
 from deploykit.regress.baseline import Entry, EntryLatency, Measurements, load_measurements
 from deploykit.regress.measure import MeasureOptions
 from deploykit.regress.outputs import to_junit, to_markdown
+from deploykit.regress.reliability import busy_delay
 from deploykit.regress.verdict import CheckOptions, judge, judge_entry, ratio_interval
 
 ENV = {"cpu": {"name": "Test CPU", "cores": 2, "features": ["avx2"]}, "versions": {"x": "1"}}
@@ -240,19 +239,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return api.export(request).run_dir
 
 
-def _delay(extra_s: float) -> Callable[[str, Callable[[], None]], Callable[[], None]]:
-    def wrap(key: str, call: Callable[[], None]) -> Callable[[], None]:
-        def slowed() -> None:
-            call()
-            end = time.perf_counter() + extra_s
-            while time.perf_counter() < end:
-                pass
-
-        return slowed
-
-    return wrap
-
-
 @pytest.mark.onnxruntime
 def test_real_rerun_passes_and_real_slowdown_is_caught(run_dir: Path, tmp_path: Path) -> None:
     # Mechanics, not statistics: a wide tolerance keeps this reliable on a loaded CI runner
@@ -277,7 +263,7 @@ def test_real_rerun_passes_and_real_slowdown_is_caught(run_dir: Path, tmp_path: 
 
     delay_s = 1.0 * entry.latency.p50_ms / 1e3  # +100%: far beyond tolerance and noise
     slowed = api.regress(
-        baseline, run_dirs=[run_dir], measure_options=options, check=check, wrap=_delay(delay_s)
+        baseline, run_dirs=[run_dir], measure_options=options, check=check, wrap=busy_delay(delay_s)
     )
     assert slowed["verdicts"][0]["verdict"] == "slower", slowed["verdicts"]
     assert slowed["regressions"] == 1

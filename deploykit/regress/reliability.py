@@ -26,7 +26,9 @@ from deploykit.regress.measure import MeasureOptions
 from deploykit.regress.verdict import CheckOptions
 
 
-def _delayed(extra_s: float) -> Callable[[str, Callable[[], None]], Callable[[], None]]:
+def busy_delay(extra_s: float) -> Callable[[str, Callable[[], None]], Callable[[], None]]:
+    """A `wrap` for :func:`deploykit.api.regress` adding `extra_s` of busy work per inference."""
+
     def wrap(key: str, call: Callable[[], None]) -> Callable[[], None]:
         def slowed() -> None:
             call()
@@ -74,7 +76,7 @@ def run(
                 run_dirs=[run_dirs[0]],
                 check=check,
                 measure_options=options,
-                wrap=_delayed(delay_s),
+                wrap=busy_delay(delay_s),
             )
             verdict = result["verdicts"][0]
             detected.append(verdict["verdict"] == "slower")
