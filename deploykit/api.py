@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import time
@@ -56,6 +57,11 @@ class ExportRequest:
         min_seconds: Minimum timing duration.
         fidelity_samples: Inputs compared against the FP32 PyTorch model.
         out: Output root; the run folder is ``<out>/<model>/<target>-<precision>``.
+        calib: INT8 calibration data: a folder of images, a .npy/.npz file, or ``synthetic``.
+        calib_method: minmax, entropy or percentile.
+        calib_samples: Number of calibration inputs.
+        calib_percentile: Percentile for ``calib_method="percentile"``.
+        per_channel: Per-channel weight scales (per-tensor when False).
     """
 
     model: str
@@ -75,6 +81,11 @@ class ExportRequest:
     min_seconds: float = 2.0
     fidelity_samples: int = 100
     out: str = "out"
+    calib: str | None = None
+    calib_method: str = "minmax"
+    calib_samples: int = 128
+    calib_percentile: float = 99.999
+    per_channel: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def batch_range(self) -> BatchRange | None:
@@ -157,6 +168,22 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
         )
     if request.precision not in PRECISION_TOLERANCE:
         raise UserError(f"precision {request.precision} is not supported yet")
+    calib_options = None
+    if request.precision == "int8":
+        from deploykit.stages.calibrate import CalibrationOptions
+
+        if request.calib is None:
+            raise UserError(
+                "--precision int8 needs calibration data: --calib FOLDER|FILE.npy|synthetic "
+                "(synthetic inputs prove fidelity only)"
+            )
+        calib_options = CalibrationOptions(
+            method=request.calib_method,
+            percentile=request.calib_percentile,
+            encoding=caps.int8_encoding or "s8s8",
+            per_channel=request.per_channel,
+        )
+        calib_options.validate()
     source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
     rng = request.batch_range()
     batch = request.measure_batch()
@@ -218,10 +245,15 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
                     onnx_src, work / "model.fused.onnx", contract, options.check_batches()
                 )
                 _stage(report, "fuse", started, work, onnx_fused.path, fuse_report.to_dict())
+            compile_input = onnx_fused.path if onnx_fused else None
+            if calib_options is not None and onnx_fused is not None:
+                compile_input = _calibrate_stage(
+                    report, work, onnx_fused.path, contract, request, calib_options, on_step
+                )
             on_step(f"compiling for {backend.display_name}")
             started = time.perf_counter()
             artifact = backend.compile(
-                onnx_fused.path if onnx_fused else None,
+                compile_input,
                 work,
                 contract,
                 CompileOptions(
@@ -477,6 +509,96 @@ def regress(
         "regressions": sum(v.regression for v in verdicts),
         "current": measured.model_dump(mode="json"),
     }
+
+
+def calibrate(
+    model: str,
+    calib: str,
+    out: str | Path,
+    method: str = "minmax",
+    samples: int = 128,
+    percentile: float = 99.999,
+    encoding: str = "s8s8",
+    per_channel: bool = True,
+    weights: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    opset: int = 18,
+    seed: int = 0,
+    on_step: Step = _quiet,
+) -> dict[str, Any]:
+    """Export, fuse and calibrate `model` into ``<out>/model.int8.qdq.onnx`` (no backend).
+
+    The default encoding is the portable symmetric one (s8s8: zero points 0), which
+    TensorRT's strongly typed builder requires; u8s8 is what the x86 CPU runtimes run fastest.
+
+    Returns:
+        What was written, with the calibration details (also in ``calibration.json``).
+    """
+    from deploykit.harness.datasets import load_dataset
+    from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
+    from deploykit.stages.export import ExportOptions, export_onnx
+    from deploykit.stages.fuse import fuse_onnx
+
+    options = CalibrationOptions(
+        method=method, percentile=percentile, encoding=encoding, per_channel=per_channel
+    )
+    options.validate()
+    source, contract = resolve(model, weights, seed, input_size)
+    export_options = ExportOptions(opset=opset)
+    if source.is_torch:
+        export_options.order()
+    data = load_dataset(calib, contract, samples, seed=seed)
+    final = Path(out)
+    with staged_dir(final) as work:
+        if source.is_torch:
+            on_step("exporting to ONNX")
+            onnx_src = export_onnx(
+                load_torch(source), contract, work / "model.onnx", export_options, on_step
+            )
+        else:
+            onnx_src = _import_onnx(Path(source.ref), work / "model.onnx")
+        on_step("fusing the graph")
+        fused, _ = fuse_onnx(onnx_src, work / "model.fused.onnx", contract, [1])
+        on_step(f"calibrating on {samples} inputs ({method})")
+        calib_report = calibrate_onnx(fused.path, work / "model.int8.qdq.onnx", data, options)
+        result = {
+            "schema_version": 1,
+            "kind": "calibration",
+            "model": source.name,
+            "model_source": source.to_dict(),
+            "input": contract.to_dict(),
+            "calibration": calib_report.to_dict(),
+            "versions": versions(),
+            "artifacts": _hash_artifacts(work),
+        }
+        write_text_atomic(work / "calibration.json", json.dumps(result, indent=2) + "\n")
+    result["out"] = str(final)
+    return result
+
+
+def _calibrate_stage(
+    report: Report,
+    work: Path,
+    fused: Path,
+    contract: InputContract,
+    request: ExportRequest,
+    options: Any,
+    on_step: Step,
+) -> Path:
+    """Calibrate the fused model into ``model.int8.qdq.onnx`` and record the stage."""
+    from deploykit.harness.datasets import SYNTHETIC, load_dataset
+    from deploykit.stages.calibrate import calibrate_onnx
+
+    assert request.calib is not None
+    on_step(f"calibrating on {request.calib_samples} inputs ({request.calib_method})")
+    started = time.perf_counter()
+    data = load_dataset(request.calib, contract, request.calib_samples, seed=request.seed)
+    if data.source == SYNTHETIC:
+        report.notes.append("INT8 calibrated on synthetic inputs: fidelity only, not accuracy")
+    qdq = work / "model.int8.qdq.onnx"
+    calib_report = calibrate_onnx(fused, qdq, data, options)
+    _stage(report, "calibrate", started, work, qdq, calib_report.to_dict())
+    return qdq
 
 
 def _store_artifacts(measured: Any, baseline: Path) -> None:

@@ -58,7 +58,9 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="torch, onnxruntime, openvino or tensorrt.")
-@click.option("--precision", "-p", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
+@click.option(
+    "--precision", "-p", default="fp32", show_default=True, help="fp32, fp16, bf16 or int8."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
 @click.option("--input-size", help="Override the input size: H or HxW.")
@@ -87,6 +89,18 @@ def main() -> None:
     "--seed", type=int, default=0, show_default=True, help="Seed of random weights and inputs."
 )
 @click.option("--out", "-o", default="out", show_default=True, help="Output root folder.")
+@click.option("--calib", help="INT8 calibration data: image folder, .npy/.npz, or 'synthetic'.")
+@click.option(
+    "--calib-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+)
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-percentile", type=float, default=99.999, show_default=True)
+@click.option(
+    "--per-tensor", is_flag=True, help="Per-tensor INT8 weight scales (default per-channel)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(
     model: str,
@@ -106,6 +120,11 @@ def export(
     fidelity_samples: int,
     seed: int,
     out: str,
+    calib: str | None,
+    calib_method: str,
+    calib_samples: int,
+    calib_percentile: float,
+    per_tensor: bool,
     as_json: bool,
 ) -> None:
     """Export MODEL, fuse, compile for --target, and measure latency and fidelity.
@@ -134,6 +153,11 @@ def export(
         min_seconds=min_seconds,
         fidelity_samples=fidelity_samples,
         out=out,
+        calib=calib,
+        calib_method=calib_method,
+        calib_samples=calib_samples,
+        calib_percentile=calib_percentile,
+        per_channel=not per_tensor,
     )
     err = _console(stderr=True)
     with err.status(f"{model} → {target}") as status:
@@ -144,6 +168,71 @@ def export(
         click.echo(json.dumps(result.report.model_dump(mode="json"), indent=2))
     else:
         render_report(_console(), result.report, str(result.run_dir))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--calib", required=True, help="Image folder, .npy/.npz, or 'synthetic'.")
+@click.option("--out", "-o", required=True, help="Output folder for model.int8.qdq.onnx.")
+@click.option(
+    "--calib-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+)
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-percentile", type=float, default=99.999, show_default=True)
+@click.option(
+    "--encoding",
+    type=click.Choice(["s8s8", "u8s8"]),
+    default="s8s8",
+    show_default=True,
+    help="s8s8: portable, symmetric (TensorRT); u8s8: fastest on x86 CPU runtimes.",
+)
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
+@click.option("--input-size", help="Override the input size: H or HxW.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate(
+    model: str,
+    calib: str,
+    out: str,
+    calib_method: str,
+    calib_samples: int,
+    calib_percentile: float,
+    encoding: str,
+    per_tensor: bool,
+    weights: str | None,
+    input_size: str | None,
+    as_json: bool,
+) -> None:
+    """Write MODEL's INT8 Q/DQ ONNX, for any backend or a TensorRT machine elsewhere."""
+    from deploykit import api
+
+    with _console(stderr=True).status(f"calibrating {model}") as status:
+        result = api.calibrate(
+            model,
+            calib,
+            out,
+            method=calib_method,
+            samples=calib_samples,
+            percentile=calib_percentile,
+            encoding=encoding,
+            per_channel=not per_tensor,
+            weights=weights,
+            input_size=_parse_size(input_size),
+            on_step=status.update,
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        cal = result["calibration"]
+        click.echo(
+            f"{result['out']}/model.int8.qdq.onnx: {cal['method']} {cal['encoding']} "
+            f"{'per-channel' if cal['per_channel'] else 'per-tensor'}, "
+            f"{cal['quantize_nodes']} QuantizeLinear nodes, {cal['data']['count']} inputs "
+            f"from {cal['data']['source']}"
+        )
 
 
 @main.command()

@@ -44,6 +44,9 @@ class Capabilities:
     devices: tuple[str, ...]
     dynamic_shapes: bool
     needs_onnx: bool = True
+    # Activation/weight encoding of the Q/DQ model this backend runs fastest and correctly
+    # (see deploykit.stages.calibrate.ENCODINGS); None when it has no INT8 path.
+    int8_encoding: str | None = None
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ def _stage_details(name: str, details: dict[str, Any]) -> str:
     if name == "fuse":
         text = f"{details.get('nodes_before')} → {details.get('nodes_after')} nodes"
         return text if details.get("applied") else f"{text}; {details.get('note')}"
+    if name == "calibrate":
+        data = details.get("data", {})
+        scales = "per-channel" if details.get("per_channel") else "per-tensor"
+        return (
+            f"{details.get('method')} {details.get('encoding')} {scales}; "
+            f"{details.get('quantize_nodes')} Q/DQ pairs; {data.get('count')} inputs "
+            f"from {data.get('source')}"
+        )
     if name == "compile":
         return str(details.get("backend", ""))
     if name == "fidelity":

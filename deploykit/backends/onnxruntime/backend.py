@@ -71,7 +71,12 @@ class OnnxRuntimeBackend(Backend):
         with contextlib.suppress(ImportError):
             if "CUDAExecutionProvider" in _import_ort().get_available_providers():
                 devices.append("cuda")
-        return Capabilities(precisions=("fp32",), devices=tuple(devices), dynamic_shapes=True)
+        return Capabilities(
+            precisions=("fp32", "int8"),
+            devices=tuple(devices),
+            dynamic_shapes=True,
+            int8_encoding="u8s8",
+        )
 
     def compile(
         self,
@@ -100,19 +105,27 @@ class OnnxRuntimeBackend(Backend):
             str(target), session_options(options.threads), providers=[provider]
         )
         input_name = check.get_inputs()[0].name
+        counts = compute_precisions(target)
+        effective = options.precision
+        if options.precision == "int8" and counts["int8"] <= counts["fp32"]:
+            effective = "fp32"  # the Q/DQ pairs were not fused into integer kernels
         return CompiledArtifact(
             backend=self.name,
             folder=folder,
             files=["model.onnx"],
             precision=options.precision,
-            effective_precision=options.precision,
+            effective_precision=effective,
             device=options.device,
             threads=options.threads,
             input_name=input_name,
             contract=contract,
             source=source,
             settings={"provider": provider, "graph_optimization_level": "all"},
-            info={"providers": check.get_providers(), "offline_optimization": level},
+            info={
+                "providers": check.get_providers(),
+                "offline_optimization": level,
+                "compute_ops": counts,
+            },
         )
 
     def runner(self, artifact: CompiledArtifact) -> Runner:
@@ -131,6 +144,24 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime has no {provider} here; install deploykit[gpu] on a CUDA machine"
             )
         return provider
+
+
+_INT8_OPS = frozenset(
+    {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd"}
+)
+_FLOAT_OPS = frozenset({"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"})
+
+
+def compute_precisions(path: Path) -> dict[str, int]:
+    """Count compute nodes of an (optimised) ONNX model running in integer vs float kernels."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = [node.op_type for node in model.graph.node]
+    return {
+        "int8": sum(op in _INT8_OPS for op in ops),
+        "fp32": sum(op in _FLOAT_OPS for op in ops),
+    }
 
 
 class OnnxRuntimeRunner(Runner):

@@ -29,7 +29,14 @@ from deploykit.models.loaders import ModelSource
 
 FIX = "install it with `pip install 'deploykit[cpu]'`"
 # deploykit precision -> (OpenVINO hint, CPU capability that must be present)
-_HINTS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
+# precision -> (INFERENCE_PRECISION_HINT, required CPU capability). INT8 comes from the Q/DQ
+# nodes of the model; the layers around them stay pinned to f32.
+_HINTS = {
+    "fp32": ("f32", "FP32"),
+    "bf16": ("bf16", "BF16"),
+    "fp16": ("f16", "FP16"),
+    "int8": ("f32", "INT8"),
+}
 _COMPUTE_LAYERS = frozenset(
     {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 )
@@ -67,7 +74,9 @@ class OpenVinoBackend(Backend):
     def capabilities(self) -> Capabilities:
         caps = set(_import_ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         precisions = tuple(p for p, (_, cap) in _HINTS.items() if cap in caps)
-        return Capabilities(precisions=precisions, devices=("cpu",), dynamic_shapes=True)
+        return Capabilities(
+            precisions=precisions, devices=("cpu",), dynamic_shapes=True, int8_encoding="u8s8"
+        )
 
     def compile(
         self,

@@ -1,0 +1,176 @@
+"""Calibration and evaluation inputs: image folders and arrays, preprocessed by the input contract.
+
+A dataset is a list of items plus a transform derived from the model's input
+contract (resize the shorter side, centre crop, scale to [0, 1], normalise,
+NCHW), in the spirit of ``nncf.Dataset(items, transform_fn)``. Sources:
+
+- a folder of images (jpg/jpeg/png/bmp/webp, searched recursively; labels from
+  sub-folder names when every image sits in one);
+- a ``.npy`` file or ``.npz`` archive of preprocessed NCHW float32 inputs;
+- ``synthetic``: deterministic image-like inputs (fidelity only — say so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deploykit.errors import UserError
+from deploykit.harness.inputs import synthetic_images
+from deploykit.models.contract import InputContract
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Dataset:
+    """Preprocessed inputs and what they came from.
+
+    Attributes:
+        inputs: NCHW float32 array, preprocessed for the model.
+        source: Folder, file or ``synthetic``.
+        sha256: Digest of the raw content (files in sorted order), for the report and cache.
+        labels: Class index per input where known.
+        classes: Class names (sub-folder names) where known.
+    """
+
+    inputs: np.ndarray
+    source: str
+    sha256: str
+    labels: list[int] | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, object]:
+        """What a report records about the data."""
+        return {
+            "source": self.source,
+            "count": int(self.inputs.shape[0]),
+            "sha256": self.sha256,
+            "labelled": self.labels is not None,
+        }
+
+
+def load_dataset(spec: str, contract: InputContract, count: int, seed: int = 0) -> Dataset:
+    """Load `count` inputs from `spec` (folder, .npy/.npz, or ``synthetic``).
+
+    Raises:
+        UserError: Missing or empty source, unreadable images, wrong shapes, too few samples.
+    """
+    if count < 1:
+        raise UserError(f"--calib-samples must be at least 1, got {count}")
+    if spec == SYNTHETIC:
+        inputs = synthetic_images(contract, count, seed=20_000 + seed)
+        digest = hashlib.sha256(f"synthetic:{seed}:{contract.shape(count)}".encode()).hexdigest()
+        return Dataset(inputs=inputs, source=SYNTHETIC, sha256=digest)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(
+            f"calibration data {spec} does not exist; pass a folder of images, a .npy/.npz "
+            "file, or 'synthetic'"
+        )
+    if path.is_dir():
+        return _from_folder(path, contract, count, seed)
+    if path.suffix in (".npy", ".npz"):
+        return _from_array(path, contract, count)
+    raise UserError(f"{spec} is neither a folder of images nor a .npy/.npz file")
+
+
+def _from_folder(folder: Path, contract: InputContract, count: int, seed: int) -> Dataset:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if len(files) < count:
+        raise UserError(
+            f"{folder} holds {len(files)} images, fewer than the {count} asked for; "
+            f"pass --calib-samples {len(files)} or add images"
+        )
+    # A deterministic subset, spread over the whole folder rather than its first files.
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(files), size=count, replace=False).tolist())
+    picked = [files[i] for i in chosen]
+    digest = hashlib.sha256()
+    arrays = []
+    for path in picked:
+        data = path.read_bytes()
+        digest.update(data)
+        arrays.append(preprocess(_decode(path, data), contract))
+    parents = {p.parent for p in files}
+    labels = None
+    classes: list[str] = []
+    if len(parents) > 1 and all(p.parent.parent == folder for p in files):
+        classes = sorted(p.name for p in parents)
+        labels = [classes.index(p.parent.name) for p in picked]
+    return Dataset(
+        inputs=np.stack(arrays).astype(np.float32),
+        source=str(folder),
+        sha256=digest.hexdigest(),
+        labels=labels,
+        classes=classes,
+    )
+
+
+def _decode(path: Path, data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; remove or replace it") from exc
+
+
+def preprocess(image: np.ndarray, contract: InputContract) -> np.ndarray:
+    """HWC uint8 RGB -> CHW float32: resize the shorter side, centre crop, normalise."""
+    from PIL import Image
+
+    if contract.channels not in (1, 3):
+        raise UserError(f"image inputs need 1 or 3 channels; this model takes {contract.channels}")
+    resample = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+    }.get(contract.interpolation, Image.Resampling.BILINEAR)
+    pil = Image.fromarray(image)
+    if contract.channels == 1:
+        pil = pil.convert("L")
+    h, w = image.shape[:2]
+    short = max(contract.resize, contract.height, contract.width)
+    scale = short / min(h, w)
+    pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    left = (pil.width - contract.width) // 2
+    top = (pil.height - contract.height) // 2
+    pil = pil.crop((left, top, left + contract.width, top + contract.height))
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    mean = np.asarray(contract.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(contract.std, dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+
+def _from_array(path: Path, contract: InputContract, count: int) -> Dataset:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        array = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    expected = contract.shape(1)[1:]
+    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        raise UserError(
+            f"{path} holds an array of shape {tuple(array.shape)}; expected (N, "
+            f"{', '.join(map(str, expected))}) preprocessed inputs"
+        )
+    if array.shape[0] < count:
+        raise UserError(
+            f"{path} holds {array.shape[0]} inputs, fewer than the {count} asked for; "
+            f"pass --calib-samples {array.shape[0]}"
+        )
+    inputs = np.ascontiguousarray(array[:count], dtype=np.float32)
+    return Dataset(
+        inputs=inputs, source=str(path), sha256=hashlib.sha256(inputs.tobytes()).hexdigest()
+    )

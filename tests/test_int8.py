@@ -1,0 +1,193 @@
+"""INT8: Q/DQ structure and encodings, determinism, both CPU backends, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from deploykit import api
+from deploykit.backends.registry import get_backend
+from deploykit.cli import main
+from deploykit.errors import UserError
+from deploykit.harness.datasets import load_dataset
+from deploykit.harness.fidelity import compare_outputs
+from deploykit.harness.inputs import synthetic_images
+from deploykit.models.contract import InputContract
+
+pytestmark = pytest.mark.onnxruntime
+
+FAST = ["--runs", "10", "--warmup", "2", "--min-seconds", "0.1", "--fidelity-samples", "8"]
+
+
+def _images(folder: Path, per_class: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            coarse = (rng.random((6, 8, 3)) * 255).astype("uint8")
+            Image.fromarray(coarse).resize((120, 90), Image.Resampling.BILINEAR).save(
+                folder / name / f"{i}.jpg"
+            )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qdq")
+    out = {}
+    for encoding in ("s8s8", "u8s8"):
+        result = api.calibrate(
+            "squeezenet1_1",
+            "synthetic",
+            root / encoding,
+            samples=8,
+            encoding=encoding,
+            input_size=(64, 64),
+        )
+        out[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
+    return out
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("encoding", ["s8s8", "u8s8"])
+def test_every_conv_weight_is_quantized_per_channel(qdq: dict[str, Path], encoding: str) -> None:
+    model = onnx.load(str(qdq[encoding]))
+    inits = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 26
+    for conv in convs:
+        dq = producers[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear", conv.name
+        weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert weight.dtype == np.int8
+        assert scale.shape == (weight.shape[0],), conv.name  # one scale per output channel
+        assert not np.any(inits[dq.input[2]]) if len(dq.input) > 2 else True
+
+
+def test_portable_encoding_is_symmetric_and_cpu_encoding_is_u8(qdq: dict[str, Path]) -> None:
+    for encoding, dtype in (("s8s8", np.int8), ("u8s8", np.uint8)):
+        model = onnx.load(str(qdq[encoding]))
+        inits = _initializers(model)
+        zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert zero_points and all(z.dtype == dtype for z in zero_points)
+        if encoding == "s8s8":
+            assert all(not np.any(z) for z in zero_points)  # TensorRT needs zero point 0
+
+
+def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:
+    again = api.calibrate(
+        "squeezenet1_1", "synthetic", tmp_path / "again", samples=8, input_size=(64, 64)
+    )
+    first = _initializers(onnx.load(str(qdq["s8s8"])))
+    second = _initializers(onnx.load(str(Path(again["out"]) / "model.int8.qdq.onnx")))
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_cpu_backends_choose_the_measured_encoding() -> None:
+    assert get_backend("onnxruntime").capabilities().int8_encoding == "u8s8"
+
+
+@pytest.mark.openvino
+def test_openvino_and_onnxruntime_run_the_same_qdq_file(qdq: dict[str, Path]) -> None:
+    import onnxruntime as ort
+    import openvino as ov
+
+    x = synthetic_images(InputContract(height=64, width=64), 8, seed=3)
+    session = ort.InferenceSession(str(qdq["u8s8"]), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    ort_out = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(8)])
+    compiled = ov.Core().compile_model(str(qdq["u8s8"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ov_out = np.concatenate([compiled(x[i : i + 1])[0] for i in range(8)])
+    fid = compare_outputs(ort_out, ov_out)
+    assert fid.cosine >= 0.99, fid
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["onnxruntime", pytest.param("openvino", marks=pytest.mark.openvino)],
+)
+def test_export_int8_end_to_end(target: str, tmp_path: Path) -> None:
+    data = _images(tmp_path / "calib")
+    result = CliRunner().invoke(
+        main,
+        ["export", "squeezenet1_1", "-t", target, "-p", "int8", "--input-size", "64"]
+        + ["--calib", str(data), "--calib-samples", "10", "--calib-method", "entropy"]
+        + ["-o", str(tmp_path / "out"), *FAST, "--json"],
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    assert report["status"] == "ok"
+    assert report["precision"] == report["effective_precision"] == "int8"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["export", "fuse", "calibrate", "compile", "fidelity", "latency"]
+    cal = stages["calibrate"]["details"]
+    assert cal["method"] == "entropy" and cal["encoding"] == "u8s8" and cal["per_channel"]
+    assert cal["data"]["count"] == 10 and cal["data"]["labelled"]
+    assert len(cal["data"]["sha256"]) == 64
+    assert report["fidelity"]["cosine"] >= 0.98
+    run_dir = tmp_path / "out" / "squeezenet1_1" / f"{target}-int8"
+    assert (run_dir / "model.int8.qdq.onnx").is_file()
+    assert stages["calibrate"]["size_bytes"] < stages["fuse"]["size_bytes"] / 3
+
+
+def test_dataset_sources(tmp_path: Path) -> None:
+    contract = InputContract(height=32, width=32)
+    folder = _images(tmp_path / "imgs", per_class=3)
+    data = load_dataset(str(folder), contract, 4)
+    assert data.inputs.shape == (4, 3, 32, 32) and data.labels is not None
+    assert data.classes == ["a", "b"]
+    assert load_dataset(str(folder), contract, 4).sha256 == data.sha256
+    arr = tmp_path / "x.npy"
+    np.save(arr, synthetic_images(contract, 5))
+    assert load_dataset(str(arr), contract, 5).inputs.shape == (5, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "holds no images"),
+        ("few", "fewer than the 50 asked for"),
+        ("corrupt", "cannot read image"),
+        ("npy-shape", "expected (N, 3, 32, 32)"),
+    ],
+)
+def test_bad_calibration_data(setup: str, message: str, tmp_path: Path) -> None:
+    contract = InputContract(height=32, width=32)
+    spec = tmp_path / "data"
+    if setup == "empty":
+        spec.mkdir()
+    elif setup == "few":
+        _images(spec, per_class=2)
+    elif setup == "corrupt":
+        _images(spec, per_class=2)
+        (spec / "a" / "0.jpg").write_bytes(b"not a jpeg")
+    elif setup == "npy-shape":
+        spec = tmp_path / "x.npy"
+        np.save(spec, np.zeros((60, 1, 32, 32), dtype=np.float32))
+    count = 50 if setup == "few" else 4
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_dataset(str(spec), contract, count)
+
+
+def test_int8_without_calibration_data_is_bad_input(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["export", "squeezenet1_1", "-t", "onnxruntime", "-p", "int8", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "--calib" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
