@@ -290,8 +290,16 @@ def bench(
     "--targets",
     default="torch,onnxruntime,openvino",
     show_default=True,
-    help="Comma-separated targets; torch is the baseline of the speedups.",
+    help="Comma-separated targets, each optionally :precision (e.g. openvino:int8); "
+    "torch is the baseline of the speedups.",
 )
+@click.option(
+    "--calib",
+    default="synthetic",
+    show_default=True,
+    help="Calibration data for :int8 targets (latency does not depend on it).",
+)
+@click.option("--calib-samples", type=int, default=32, show_default=True)
 @click.option("--precision", "-p", default="fp32", show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, help="Runtime threads [default: all usable cores].")
@@ -308,6 +316,8 @@ def bench(
 def compare(
     models: tuple[str, ...],
     targets: str,
+    calib: str,
+    calib_samples: int,
     precision: str,
     batch: int,
     threads: int | None,
@@ -340,6 +350,8 @@ def compare(
         input_size=_parse_size(input_size),
         benchmark_app=benchmark_app,
         out=out,
+        calib=calib,
+        calib_samples=calib_samples,
     )
     with _console(stderr=True).status("comparing") as status:
         result = run_compare(options, on_step=status.update)

@@ -239,3 +239,18 @@ def test_compare_writes_speedups_and_benchmark_app(tmp_path: Path) -> None:
         assert rows["openvino"]["benchmark_app_median_ms"] > 0
     text = md.read_text()
     assert "| squeezenet1_1 | openvino | fp32 |" in text and "CPU features" in text
+
+
+@pytest.mark.onnxruntime
+def test_compare_int8_targets(tmp_path: Path) -> None:
+    result = json.loads(
+        _invoke(
+            ["compare", "squeezenet1_1", "--input-size", "64", "--rounds", "1", "--runs", "5"]
+            + ["--min-seconds", "0.05", "--targets", "onnxruntime,onnxruntime:int8"]
+            + ["--calib-samples", "4", "--out", str(tmp_path), "--json"]
+        ).stdout
+    )
+    rows = {r["spec"]: r for r in result["rows"]}
+    assert rows["onnxruntime:int8"]["precision"] == "int8"
+    assert rows["onnxruntime:int8"]["speedup_vs_fp32"] > 0
+    assert rows["onnxruntime"]["speedup_vs_fp32"] is None

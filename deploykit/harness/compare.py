@@ -47,6 +47,8 @@ class CompareOptions:
     input_size: tuple[int, int] | None = None
     benchmark_app: bool = False
     out: str = "out/compare"
+    calib: str = "synthetic"
+    calib_samples: int = 32
 
 
 def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str, Any]:
@@ -58,7 +60,9 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
     if options.rounds < 1 or options.runs < 1:
         raise UserError("--rounds and --runs must be at least 1")
     threads = options.threads or usable_cores()
-    backends = {name: require_backend(name) for name in options.targets}
+    # A target is "backend" or "backend:precision" (e.g. openvino:int8).
+    specs = {spec: _parse_spec(spec, options.precision) for spec in options.targets}
+    backends = {spec: require_backend(name) for spec, (name, _) in specs.items()}
     rows: list[dict[str, Any]] = []
     for model in options.models:
         source, contract = resolve(model, input_size=options.input_size)
@@ -74,13 +78,22 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
         fused, _ = fuse_onnx(exported, folder / "model.fused.onnx", contract, [options.batch])
         del module
         artifacts: dict[str, CompiledArtifact] = {}
+        qdq: dict[str, Path] = {}
         for name, backend in backends.items():
+            precision = specs[name][1]
+            onnx_path = fused.path
+            if precision == "int8":
+                encoding = backend.capabilities().int8_encoding or "s8s8"
+                if encoding not in qdq:
+                    on_step(f"{model}: calibrate ({encoding})")
+                    qdq[encoding] = _calibrate(fused.path, folder, contract, encoding, options)
+                onnx_path = qdq[encoding]
             on_step(f"{model}: compile for {name}")
             artifacts[name] = backend.compile(
-                fused.path,
-                folder,
+                onnx_path,
+                folder / name.replace(":", "-"),
                 contract,
-                CompileOptions(precision=options.precision, threads=threads, batch=options.batch),
+                CompileOptions(precision=precision, threads=threads, batch=options.batch),
                 source=source,
             )
         batch = synthetic_images(contract, options.batch, seed=99)
@@ -122,10 +135,19 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
         )
         for name, stats in per_round.items():
             p50 = statistics.median(s.p50_ms for s in stats)
+            fp32_key = specs[name][0]
+            fp32_p50 = (
+                statistics.median(s.p50_ms for s in per_round[fp32_key])
+                if specs[name][1] != "fp32" and fp32_key in per_round
+                else None
+            )
             rows.append(
                 {
                     "model": source.name,
-                    "target": name,
+                    "target": specs[name][0],
+                    "spec": name,
+                    "requested_precision": specs[name][1],
+                    "speedup_vs_fp32": (fp32_p50 / p50) if fp32_p50 else None,
                     "precision": artifacts[name].effective_precision,
                     "batch": options.batch,
                     "threads": threads,
@@ -157,6 +179,23 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
         },
         "rows": rows,
     }
+
+
+def _parse_spec(spec: str, default_precision: str) -> tuple[str, str]:
+    name, _, precision = spec.partition(":")
+    return name, precision or default_precision
+
+
+def _calibrate(
+    fused: Path, folder: Path, contract: Any, encoding: str, options: CompareOptions
+) -> Path:
+    from deploykit.harness.datasets import load_dataset
+    from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
+
+    data = load_dataset(options.calib, contract, options.calib_samples)
+    out = folder / f"model.int8.{encoding}.qdq.onnx"
+    calibrate_onnx(fused, out, data, CalibrationOptions(encoding=encoding))
+    return out
 
 
 def benchmark_app_available() -> bool:
@@ -223,7 +262,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ver = result["versions"]
     opts = result["options"]
     models = list(dict.fromkeys(row["model"] for row in result["rows"]))
-    targets = list(dict.fromkeys(row["target"] for row in result["rows"]))
+    targets = list(dict.fromkeys(row.get("spec", row["target"]) for row in result["rows"]))
     command = (
         f"deploykit compare {' '.join(models)} --targets {','.join(targets)} "
         f"--precision {opts['precision']} --batch {opts['batch']} --threads {opts['threads']} "
@@ -244,17 +283,19 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{opts['min_seconds']} s each; p50 = median over rounds of each round's p50.",
         "",
         "| model | target | runs in | p50 ms | p90 ms | p99 ms | round spread "
-        "| speedup vs torch | benchmark_app median ms | deploykit / benchmark_app |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| speedup vs torch | speedup vs same target fp32 | benchmark_app median ms "
+        "| deploykit / benchmark_app |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         speed = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else ""
         app_ms = row["benchmark_app_median_ms"]
         app = f"{app_ms:.2f}" if app_ms else ""
         ratio = f"{row['p50_ms'] / app_ms:.3f}" if app_ms else ""
+        vs_fp32 = f"{row['speedup_vs_fp32']:.2f}x" if row.get("speedup_vs_fp32") else ""
         lines.append(
             f"| {row['model']} | {row['target']} | {row['precision']} | {row['p50_ms']:.2f} | "
             f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['spread_pct']:.1f}% | "
-            f"{speed} | {app} | {ratio} |"
+            f"{speed} | {vs_fp32} | {app} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
