@@ -49,6 +49,29 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     return (dims[0], dims[-1])
 
 
+def _calibration_options(func: Any) -> Any:
+    """The INT8 calibration options shared by `export` and `calibrate`."""
+    options = [
+        click.option(
+            "--calib-method",
+            type=click.Choice(["minmax", "entropy", "percentile"]),
+            default="minmax",
+            show_default=True,
+            help="Calibration statistics.",
+        ),
+        click.option("--calib-samples", type=int, default=128, show_default=True),
+        click.option("--calib-percentile", type=float, default=99.999, show_default=True),
+        click.option(
+            "--per-tensor",
+            is_flag=True,
+            help="Per-tensor INT8 weight scales (default per-channel).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deploykit")
 def main() -> None:
@@ -90,17 +113,7 @@ def main() -> None:
 )
 @click.option("--out", "-o", default="out", show_default=True, help="Output root folder.")
 @click.option("--calib", help="INT8 calibration data: image folder, .npy/.npz, or 'synthetic'.")
-@click.option(
-    "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
-    default="minmax",
-    show_default=True,
-)
-@click.option("--calib-samples", type=int, default=128, show_default=True)
-@click.option("--calib-percentile", type=float, default=99.999, show_default=True)
-@click.option(
-    "--per-tensor", is_flag=True, help="Per-tensor INT8 weight scales (default per-channel)."
-)
+@_calibration_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(
     model: str,
@@ -174,14 +187,7 @@ def export(
 @click.argument("model")
 @click.option("--calib", required=True, help="Image folder, .npy/.npz, or 'synthetic'.")
 @click.option("--out", "-o", required=True, help="Output folder for model.int8.qdq.onnx.")
-@click.option(
-    "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
-    default="minmax",
-    show_default=True,
-)
-@click.option("--calib-samples", type=int, default=128, show_default=True)
-@click.option("--calib-percentile", type=float, default=99.999, show_default=True)
+@_calibration_options
 @click.option(
     "--encoding",
     type=click.Choice(["s8s8", "u8s8"]),
@@ -189,7 +195,6 @@ def export(
     show_default=True,
     help="s8s8: portable, symmetric (TensorRT); u8s8: fastest on x86 CPU runtimes.",
 )
-@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
 @click.option("--input-size", help="Override the input size: H or HxW.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
