@@ -610,7 +610,7 @@ def _store_artifacts(measured: Any, baseline: Path) -> None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
         source = Path(entry.run_dir)
         report = load_report(source)
-        backend_dir = str(report.backend.get("folder", report.target))
+        backend_dir = report.backend_folder()
         # What a later run needs: report.json and the backend artifact (not the ONNX stages).
         with staged_dir(root / name) as work:
             shutil.copy2(source / "report.json", work / "report.json")

@@ -64,6 +64,10 @@ class Report(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict)
     created: str
 
+    def backend_folder(self) -> str:
+        """Name of the backend artifact's folder inside the run folder."""
+        return str(self.backend.get("folder", self.target))
+
     def save(self, folder: Path) -> Path:
         """Write report.json atomically into `folder`."""
         path = folder / REPORT_FILE

@@ -130,6 +130,7 @@ def measure_run_dirs(
         # Each baseline twin is timed next to its candidate, alternating which goes first
         # (A B, B A, ...), so an order effect cannot masquerade as a difference.
         groups = [[c, *[t for t in twins if t.key == c.key + _TWIN]] for c in candidates]
+        twinned = {t.key[: -len(_TWIN)] for t in twins}
         model_rounds: dict[str, list[LatencyStats]] = {c.key: [] for g in groups for c in g}
         ref_rounds: dict[str, list[LatencyStats]] = {c.key: [] for g in groups for c in g}
         lat = LatencyOptions(
@@ -158,7 +159,7 @@ def measure_run_dirs(
                 )
                 # A paired candidate is judged against its twin, not normalised: skip the
                 # reference workload there and spend the time on the comparison itself.
-                has_twin = len(next(g for g in groups if cand in g)) > 1
+                has_twin = cand.key in twinned
                 if (
                     not has_twin
                     and cand.reference is not None
@@ -185,7 +186,7 @@ def measure_run_dirs(
 
 def artifact_digest(folder: Path, report: Report) -> str:
     """One sha256 over the backend artifact's files as they are on disk now."""
-    backend_dir = folder / str(report.backend.get("folder", report.target))
+    backend_dir = folder / report.backend_folder()
     parts = sorted(
         f"{p.relative_to(backend_dir)}={sha256_file(p)}"
         for p in backend_dir.rglob("*")
@@ -208,7 +209,7 @@ def _open(
 ) -> _Candidate:
     report = load_report(folder)
     backend = require_backend(report.target)
-    artifact = CompiledArtifact.load(folder / report.backend.get("folder", report.target))
+    artifact = CompiledArtifact.load(folder / report.backend_folder())
     if options.threads is not None:
         artifact.threads = options.threads
         if "INFERENCE_NUM_THREADS" in artifact.settings:
