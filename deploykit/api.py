@@ -62,6 +62,18 @@ class ExportRequest:
         calib_samples: Number of calibration inputs.
         calib_percentile: Percentile for ``calib_method="percentile"``.
         per_channel: Per-channel weight scales (per-tensor when False).
+        bias_correction: Per-channel bias correction after quantization; None = on for
+            depthwise-heavy nets.
+        calib_cache: Reuse cached calibration statistics (``--no-calib-cache`` recomputes).
+        quantizer: ``deploykit`` (one Q/DQ ONNX for every backend) or the backend's own
+            (``nncf`` for OpenVINO).
+        eval_data: Evaluation sets (names, manifests or labelled folders); None = the
+            model's own sets when it has real weights, none otherwise.
+        eval_samples: Inputs per evaluation set; None = the whole set.
+        max_accuracy_drop: Largest top-1 drop (points) against FP32 on a labelled set.
+        fallback: When INT8 misses the budget, keep the most sensitive layers in float.
+        max_fallback_layers: Most layers the fallback may keep in float; None = a quarter
+            of the quantized layers (at least 4).
     """
 
     model: str
@@ -86,6 +98,14 @@ class ExportRequest:
     calib_samples: int = 128
     calib_percentile: float = 99.999
     per_channel: bool = True
+    bias_correction: bool | None = None
+    calib_cache: bool = True
+    quantizer: str = "deploykit"
+    eval_data: list[str] | None = None
+    eval_samples: int | None = None
+    max_accuracy_drop: float = 1.0
+    fallback: bool = True
+    max_fallback_layers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def batch_range(self) -> BatchRange | None:
@@ -112,6 +132,29 @@ class ExportRequest:
 def list_catalogue() -> list[ModelSpec]:
     """The model catalogue, emphasis families first."""
     return list_models()
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """The shipped calibration/evaluation sets, with whether their files are installed."""
+    from deploykit.harness.evalsets import list_manifests, origin_root
+
+    rows = []
+    for manifest in list_manifests():
+        reason = ""
+        try:
+            for origin in sorted({f.origin for f in manifest.files}):
+                origin_root(origin)
+        except UserError as exc:
+            reason = str(exc)
+        rows.append(
+            {
+                **manifest.to_json(),
+                "available": not reason,
+                "reason": reason,
+                "path": str(manifest.path),
+            }
+        )
+    return rows
 
 
 def list_backends() -> list[dict[str, Any]]:
@@ -169,9 +212,13 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
     if request.precision not in PRECISION_TOLERANCE:
         raise UserError(f"precision {request.precision} is not supported yet")
     calib_options = None
+    source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+    pretrained = _pretrained(source)
     if request.precision == "int8":
         from deploykit.stages.calibrate import CalibrationOptions
 
+        if request.calib is None and pretrained is not None and pretrained.calib_set:
+            request = dataclasses.replace(request, calib=pretrained.calib_set)
         if request.calib is None:
             raise UserError(
                 "--precision int8 needs calibration data: --calib FOLDER|FILE.npy|synthetic "
@@ -182,9 +229,19 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
             percentile=request.calib_percentile,
             encoding=caps.int8_encoding or "s8s8",
             per_channel=request.per_channel,
+            bias_correction=request.bias_correction,
+            use_cache=request.calib_cache,
         )
         calib_options.validate()
-    source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+        if request.quantizer not in ("deploykit", caps.native_quantizer):
+            native = f" or {caps.native_quantizer}" if caps.native_quantizer else ""
+            raise UserError(
+                f"{backend.name} has no {request.quantizer!r} quantizer here; choose "
+                f"--quantizer deploykit{native}"
+            )
+    if request.max_accuracy_drop < 0:
+        raise UserError(f"--max-accuracy-drop must be >= 0, got {request.max_accuracy_drop}")
+    eval_sets = _eval_sets(request, pretrained)
     rng = request.batch_range()
     batch = request.measure_batch()
     threads = request.threads or usable_cores()
@@ -246,37 +303,58 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
                 )
                 _stage(report, "fuse", started, work, onnx_fused.path, fuse_report.to_dict())
             compile_input = onnx_fused.path if onnx_fused else None
+            calibrated: tuple[Any, Any] | None = None
             if calib_options is not None and onnx_fused is not None:
-                compile_input = _calibrate_stage(
-                    report, work, onnx_fused.path, contract, request, calib_options, on_step
-                )
+                if request.quantizer == "deploykit":
+                    compile_input, calibrated = _calibrate_stage(
+                        report, work, onnx_fused.path, contract, request, calib_options, on_step
+                    )
+                else:
+                    compile_input = _native_quantize_stage(
+                        report, work, onnx_fused.path, contract, request, backend, on_step
+                    )
+            compile_options = CompileOptions(
+                precision=request.precision,
+                device=request.device,
+                threads=threads,
+                batch=batch,
+                dynamic_batch=rng,
+                extra=dict(request.extra),
+            )
+
+            def compile_model(path: Path | None) -> Any:
+                built = backend.compile(path, work, contract, compile_options, source=source)
+                built.save()
+                report.effective_precision = built.effective_precision
+                report.backend = {
+                    "name": backend.name,
+                    "version": backend.version(),
+                    "folder": built.folder.name,
+                    "settings": built.settings,
+                    **built.info,
+                }
+                return built
+
             on_step(f"compiling for {backend.display_name}")
             started = time.perf_counter()
-            artifact = backend.compile(
-                compile_input,
-                work,
-                contract,
-                CompileOptions(
-                    precision=request.precision,
-                    device=request.device,
-                    threads=threads,
-                    batch=batch,
-                    dynamic_batch=rng,
-                    extra=dict(request.extra),
-                ),
-                source=source,
-            )
-            artifact.save()
-            report.effective_precision = artifact.effective_precision
-            report.backend = {
-                "name": backend.name,
-                "version": backend.version(),
-                "folder": artifact.folder.name,
-                "settings": artifact.settings,
-                **artifact.info,
-            }
+            artifact = compile_model(compile_input)
             _stage(report, "compile", started, work, artifact.folder, {"backend": backend.name})
-            report.gates.append(_precision_gate(request.precision, artifact.effective_precision))
+            if eval_sets:
+                artifact = _accuracy_stage(
+                    report,
+                    work,
+                    backend,
+                    artifact,
+                    compile_model,
+                    module,
+                    contract,
+                    batch,
+                    request,
+                    eval_sets,
+                    calibrated,
+                    on_step,
+                )
+            report.gates.insert(0, _precision_gate(request.precision, artifact, report.fallback))
             with backend.runner(artifact) as runner:
                 on_step(f"checking fidelity on {request.fidelity_samples} inputs")
                 started = time.perf_counter()
@@ -293,7 +371,8 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
                 report.fidelity_reference = reference
                 tolerance = PRECISION_TOLERANCE[request.precision]
                 violations = tolerance.violations(fidelity)
-                report.gates.append(
+                report.gates.insert(
+                    1,
                     Gate(
                         name="fidelity",
                         passed=not violations,
@@ -302,7 +381,7 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
                             f"cosine {fidelity.cosine:.6f} >= {tolerance.min_cosine}, "
                             f"rel err {fidelity.rel_err:.2g} <= {tolerance.max_rel_err:g}"
                         ),
-                    )
+                    ),
                 )
                 _stage(report, "fidelity", started, work, None, {"reference": reference})
                 on_step("measuring latency")
@@ -520,6 +599,8 @@ def calibrate(
     percentile: float = 99.999,
     encoding: str = "s8s8",
     per_channel: bool = True,
+    bias_correction: bool | None = None,
+    calib_cache: bool = True,
     weights: str | None = None,
     input_size: tuple[int, int] | None = None,
     opset: int = 18,
@@ -540,7 +621,12 @@ def calibrate(
     from deploykit.stages.fuse import fuse_onnx
 
     options = CalibrationOptions(
-        method=method, percentile=percentile, encoding=encoding, per_channel=per_channel
+        method=method,
+        percentile=percentile,
+        encoding=encoding,
+        per_channel=per_channel,
+        bias_correction=bias_correction,
+        use_cache=calib_cache,
     )
     options.validate()
     source, contract = resolve(model, weights, seed, input_size)
@@ -584,8 +670,12 @@ def _calibrate_stage(
     request: ExportRequest,
     options: Any,
     on_step: Step,
-) -> Path:
-    """Calibrate the fused model into ``model.int8.qdq.onnx`` and record the stage."""
+) -> tuple[Path, tuple[Any, Any]]:
+    """Calibrate the fused model into ``model.int8.qdq.onnx`` and record the stage.
+
+    Returns:
+        The Q/DQ model, and the calibration data and options (for the fallback).
+    """
     from deploykit.harness.datasets import SYNTHETIC, load_dataset
     from deploykit.stages.calibrate import calibrate_onnx
 
@@ -598,7 +688,37 @@ def _calibrate_stage(
     qdq = work / "model.int8.qdq.onnx"
     calib_report = calibrate_onnx(fused, qdq, data, options)
     _stage(report, "calibrate", started, work, qdq, calib_report.to_dict())
-    return qdq
+    return qdq, (data, options)
+
+
+def _native_quantize_stage(
+    report: Report,
+    work: Path,
+    fused: Path,
+    contract: InputContract,
+    request: ExportRequest,
+    backend: Any,
+    on_step: Step,
+) -> Path:
+    """Quantize with the backend's own quantizer (e.g. NNCF) and record the stage."""
+    from deploykit.harness.datasets import SYNTHETIC, load_dataset
+
+    assert request.calib is not None
+    on_step(f"quantizing with {request.quantizer} on {request.calib_samples} inputs")
+    started = time.perf_counter()
+    data = load_dataset(request.calib, contract, request.calib_samples, seed=request.seed)
+    if data.source == SYNTHETIC:
+        report.notes.append("INT8 calibrated on synthetic inputs: fidelity only, not accuracy")
+    options = {
+        "method": request.calib_method,
+        "percentile": request.calib_percentile,
+        "per_channel": request.per_channel,
+        "seed": request.seed,
+    }
+    path, details = backend.quantize(fused, data.inputs, work, contract, options)
+    details = {"quantizer": request.quantizer, "data": data.describe(), **details}
+    _stage(report, "calibrate", started, work, path, details)
+    return Path(path)
 
 
 def _store_artifacts(measured: Any, baseline: Path) -> None:
@@ -678,12 +798,208 @@ def _stage(
     )
 
 
-def _precision_gate(requested: str, effective: str) -> Gate:
+def _precision_gate(requested: str, artifact: Any, fallback: dict[str, Any] | None) -> Gate:
+    """The runtime must compute in the requested precision.
+
+    After an accuracy fallback the model is mixed on purpose: it passes when the
+    runtime still runs integer kernels for the layers left in INT8.
+    """
+    effective = artifact.effective_precision
+    if requested == "int8" and fallback and fallback.get("excluded"):
+        int8, other = _int8_layer_counts(artifact.info)
+        kept = len(fallback["excluded"])
+        return Gate(
+            name="precision",
+            passed=int8 > 0,
+            detail=f"mixed: {int8} compute layers in int8, {other} in float "
+            f"({kept} kept in float by the accuracy fallback)",
+        )
     return Gate(
         name="precision",
         passed=requested == effective,
         detail=f"requested {requested}, runtime computes in {effective}",
     )
+
+
+def _int8_layer_counts(info: dict[str, Any]) -> tuple[int, int]:
+    """(integer, float) compute layers from a backend's compile info."""
+    if "compute_ops" in info:  # onnxruntime
+        ops = info["compute_ops"]
+        return int(ops.get("int8", 0)), int(ops.get("fp32", 0))
+    layers = info.get("compute_layer_precisions", {})  # openvino
+    int8 = sum(n for p, n in layers.items() if p in ("i8", "u8"))
+    return int(int8), int(sum(layers.values()) - int8)
+
+
+def _pretrained(source: Any) -> Any:
+    """The catalogue's pretrained-weights entry when `source` uses those weights."""
+    from deploykit.models.catalogue import get_model_spec
+
+    if source.kind != "catalogue" or source.weights_origin is None:
+        return None
+    return get_model_spec(source.ref).pretrained
+
+
+def _eval_sets(request: ExportRequest, pretrained: Any) -> list[str]:
+    if request.eval_data is not None:
+        return list(request.eval_data)
+    return list(pretrained.eval_sets) if pretrained is not None else []
+
+
+def _reference(module: Any, onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """The FP32 reference: the PyTorch model, or ONNX Runtime on the input ONNX file."""
+    if module is not None:
+        import torch
+
+        from deploykit.backends.torch.backend import first_tensor
+
+        def torch_reference(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return np.asarray(first_tensor(module(torch.from_numpy(x))).float().numpy())
+
+        return torch_reference, "pytorch fp32"
+    from deploykit.stages.onnxcheck import OrtSession
+
+    return OrtSession(onnx_path).run, "onnxruntime fp32 on the input ONNX file"
+
+
+def _accuracy_stage(
+    report: Report,
+    work: Path,
+    backend: Any,
+    artifact: Any,
+    compile_model: Callable[[Path | None], Any],
+    module: Any,
+    contract: InputContract,
+    batch: int,
+    request: ExportRequest,
+    sets: list[str],
+    calibrated: tuple[Any, Any] | None,
+    on_step: Step,
+) -> Any:
+    """Evaluate on real data, gate the top-1 drop, and fall back layers if INT8 misses it.
+
+    Returns:
+        The artifact to keep: the first one, or the fallback's last.
+    """
+    from deploykit.harness.accuracy import AccuracyCheck
+
+    on_step(f"evaluating on {', '.join(sets)}")
+    started = time.perf_counter()
+    reference, label = _reference(module, work / "model.onnx")
+    check = AccuracyCheck.load(
+        sets, contract, request.eval_samples, reference, label, batch, request.max_accuracy_drop
+    )
+    with backend.runner(artifact) as runner:
+        report.accuracy = check.evaluate(runner.infer)
+    _stage(report, "accuracy", started, work, None, {"sets": sets})
+    drop = check.worst_drop()
+    if (
+        drop is not None
+        and drop > request.max_accuracy_drop
+        and calibrated is not None
+        and request.fallback
+    ):
+        artifact = _fallback_stage(
+            report, work, backend, compile_model, check, drop, request, calibrated, on_step
+        )
+        report.accuracy = check.results
+    report.gates.extend(check.gates())
+    return artifact
+
+
+def _fallback_stage(
+    report: Report,
+    work: Path,
+    backend: Any,
+    compile_model: Callable[[Path | None], Any],
+    check: Any,
+    drop: float,
+    request: ExportRequest,
+    calibrated: tuple[Any, Any],
+    on_step: Step,
+) -> Any:
+    """Keep the most sensitive layers in float, one step at a time, until the budget holds."""
+    from deploykit.stages.calibrate import calibrate_onnx
+    from deploykit.stages.fallback import rank_layers, run_fallback
+
+    data, options = calibrated
+    fused, qdq = work / "model.fused.onnx", work / "model.int8.qdq.onnx"
+    started = time.perf_counter()
+    on_step("ranking layers by INT8 sensitivity")
+    ranking = rank_layers(fused, qdq, data.inputs[: max(16, min(64, data.inputs.shape[0]))], 1)
+    limit = request.max_fallback_layers or max(4, len(ranking) // 4)
+    built: list[Any] = []
+
+    def attempt(excluded: list[str]) -> tuple[float, dict[str, Any]]:
+        calibrate_onnx(fused, qdq, data, dataclasses.replace(options, nodes_to_exclude=excluded))
+        built.append(compile_model(qdq))
+        with backend.runner(built[-1]) as runner:
+            results = check.evaluate(runner.infer)
+        worst = check.worst_drop(results)
+        return (worst if worst is not None else 0.0), results
+
+    result = run_fallback(ranking, attempt, request.max_accuracy_drop, drop, limit, on_step)
+    report.fallback = result.to_dict()
+    _stage(report, "fallback", started, work, qdq, {"met": result.met, "layers": result.excluded})
+    if not result.met:
+        report.notes.append(
+            f"accuracy fallback kept {len(result.excluded)} layer(s) in float and still missed "
+            f"the {request.max_accuracy_drop:g} pt budget"
+        )
+    return built[-1]
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str,
+    samples: int | None = None,
+    save: bool = True,
+    on_step: Step = _quiet,
+) -> dict[str, Any]:
+    """Evaluate a run folder's compiled artifact on a set, next to the FP32 reference.
+
+    Args:
+        run_dir: A run folder made by ``deploykit export``.
+        data: A set name (``deploykit datasets``), a manifest, or an image folder with
+            labels (sub-folder names or a labels file).
+        samples: Inputs to use; None = the whole set.
+        save: Record the result in the run's report.json under ``accuracy``.
+
+    Returns:
+        The evaluation (see :class:`deploykit.harness.evaluate.Evaluation`).
+    """
+    from deploykit.backends.base import CompiledArtifact
+    from deploykit.harness.datasets import load_eval_data
+    from deploykit.harness.evaluate import evaluate as run_evaluation
+    from deploykit.models.loaders import ModelSource
+
+    folder = Path(run_dir)
+    report = load_report(folder)
+    backend = require_backend(report.target)
+    artifact = CompiledArtifact.load(folder / report.backend_folder())
+    source = ModelSource.from_dict(report.model_source)
+    on_step(f"loading {data}")
+    dataset = load_eval_data(data, artifact.contract, samples)
+    module = load_torch(source) if source.is_torch else None
+    reference, label = _reference(module, folder / "model.onnx")
+    batch = int(report.input.get("batch", 1))
+    on_step(f"evaluating {dataset.inputs.shape[0]} inputs")
+    with backend.runner(artifact) as runner:
+        result = run_evaluation(runner.infer, reference, dataset, batch, label)
+    if save:
+        report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
+        report.save(folder)
+    return {
+        "schema_version": 1,
+        "kind": "eval",
+        "run_dir": str(folder),
+        "model": report.model,
+        "target": report.target,
+        "precision": report.precision,
+        "evaluation": result.to_dict(),
+        "summary": result.summary(),
+    }
 
 
 def _fidelity(
@@ -699,24 +1015,7 @@ def _fidelity(
         raise UserError("--fidelity-samples must be at least 1")
     count = -(-samples // batch) * batch
     inputs = synthetic_images(contract, count, seed=10_000 + seed)
-    reference: Callable[[np.ndarray], np.ndarray]
-    if module is not None:
-        import torch
-
-        from deploykit.backends.torch.backend import first_tensor
-
-        def torch_reference(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return np.asarray(first_tensor(module(torch.from_numpy(x))).float().numpy())
-
-        reference = torch_reference
-        label = "pytorch fp32"
-    else:
-        from deploykit.stages.onnxcheck import OrtSession
-
-        session = OrtSession(onnx_path)
-        reference = session.run
-        label = "onnxruntime fp32 on the input ONNX file"
+    reference, label = _reference(module, onnx_path)
     refs, outs = [], []
     for start in range(0, count, batch):
         chunk = inputs[start : start + batch]

@@ -66,6 +66,18 @@ def _calibration_options(func: Any) -> Any:
             is_flag=True,
             help="Per-tensor INT8 weight scales (default per-channel).",
         ),
+        click.option(
+            "--bias-correction/--no-bias-correction",
+            default=None,
+            help="Per-channel bias correction after quantization [default: on for "
+            "depthwise-heavy nets].",
+        ),
+        click.option(
+            "--no-calib-cache",
+            is_flag=True,
+            help="Recompute the calibration statistics instead of reusing the cache "
+            "($DEPLOYKIT_CACHE_DIR or ~/.cache/deploykit).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -112,8 +124,44 @@ def main() -> None:
     "--seed", type=int, default=0, show_default=True, help="Seed of random weights and inputs."
 )
 @click.option("--out", "-o", default="out", show_default=True, help="Output root folder.")
-@click.option("--calib", help="INT8 calibration data: image folder, .npy/.npz, or 'synthetic'.")
+@click.option(
+    "--calib",
+    help="INT8 calibration data: a set from `deploykit datasets`, image folder, .npy/.npz, or "
+    "'synthetic' [default: the model's own calibration set when it has real weights].",
+)
 @_calibration_options
+@click.option(
+    "--quantizer",
+    default="deploykit",
+    show_default=True,
+    help="INT8 quantizer: deploykit (one Q/DQ ONNX for every backend) or the backend's own "
+    "(nncf for openvino).",
+)
+@click.option(
+    "--eval-data",
+    multiple=True,
+    help="Evaluation set (repeatable): a set name, manifest, or labelled image folder "
+    "[default: the model's own sets when it has real weights].",
+)
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation on real data.")
+@click.option("--eval-samples", type=int, help="Inputs per evaluation set [default: all].")
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Largest top-1 drop against FP32 (points) on a labelled set.",
+)
+@click.option(
+    "--no-fallback",
+    is_flag=True,
+    help="Do not keep sensitive layers in float when INT8 misses --max-accuracy-drop.",
+)
+@click.option(
+    "--max-fallback-layers",
+    type=int,
+    help="Most ranked activations whose layers the fallback may keep in float.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(
     model: str,
@@ -138,6 +186,15 @@ def export(
     calib_samples: int,
     calib_percentile: float,
     per_tensor: bool,
+    bias_correction: bool | None,
+    no_calib_cache: bool,
+    quantizer: str,
+    eval_data: tuple[str, ...],
+    no_eval: bool,
+    eval_samples: int | None,
+    max_accuracy_drop: float,
+    no_fallback: bool,
+    max_fallback_layers: int | None,
     as_json: bool,
 ) -> None:
     """Export MODEL, fuse, compile for --target, and measure latency and fidelity.
@@ -171,6 +228,14 @@ def export(
         calib_samples=calib_samples,
         calib_percentile=calib_percentile,
         per_channel=not per_tensor,
+        bias_correction=bias_correction,
+        calib_cache=not no_calib_cache,
+        quantizer=quantizer,
+        eval_data=[] if no_eval else (list(eval_data) or None),
+        eval_samples=eval_samples,
+        max_accuracy_drop=max_accuracy_drop,
+        fallback=not no_fallback,
+        max_fallback_layers=max_fallback_layers,
     )
     err = _console(stderr=True)
     with err.status(f"{model} → {target}") as status:
@@ -207,6 +272,8 @@ def calibrate(
     calib_percentile: float,
     encoding: str,
     per_tensor: bool,
+    bias_correction: bool | None,
+    no_calib_cache: bool,
     weights: str | None,
     input_size: str | None,
     as_json: bool,
@@ -224,6 +291,8 @@ def calibrate(
             percentile=calib_percentile,
             encoding=encoding,
             per_channel=not per_tensor,
+            bias_correction=bias_correction,
+            calib_cache=not no_calib_cache,
             weights=weights,
             input_size=_parse_size(input_size),
             on_step=status.update,
@@ -507,6 +576,46 @@ def regress(
         render_regress(_console(), result)
     if result["regressions"]:
         sys.exit(1)
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    required=True,
+    help="A set from `deploykit datasets`, a manifest .json, or an image folder with labels "
+    "(sub-folder names, or a labels.csv of 'relative/path,class-index' lines).",
+)
+@click.option("--samples", type=int, help="Inputs to use [default: the whole set].")
+@click.option("--no-save", is_flag=True, help="Do not record the result in report.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(run_dir: str, data: str, samples: int | None, no_save: bool, as_json: bool) -> None:
+    """Evaluate a run folder's compiled artifact on a set, next to the FP32 model."""
+    from deploykit import api
+    from deploykit.harness.display import render_eval
+
+    with _console(stderr=True).status(f"evaluating {run_dir}") as status:
+        result = api.evaluate(
+            run_dir, data, samples=samples, save=not no_save, on_step=status.update
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render_eval(_console(), result)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the sets as JSON.")
+def datasets(as_json: bool) -> None:
+    """List the calibration and evaluation sets that ship with deploykit."""
+    from deploykit import api
+    from deploykit.harness.display import render_datasets
+
+    rows = api.list_datasets()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_datasets(_console(), rows)
 
 
 @main.command()

@@ -55,3 +55,15 @@ def cli_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     env["COLUMNS"] = "200"
     env["NO_COLOR"] = "1"
     yield env
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Calibration statistics are cached in a per-session folder, never in ~/.cache."""
+    old = os.environ.get("DEPLOYKIT_CACHE_DIR")
+    os.environ["DEPLOYKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DEPLOYKIT_CACHE_DIR", None)
+    else:
+        os.environ["DEPLOYKIT_CACHE_DIR"] = old

@@ -102,3 +102,37 @@ def data_dependent_net() -> nn.Module:
 def not_a_module() -> int:
     """A factory that returns something that is not a model."""
     return 3
+
+
+class OutlierNet(nn.Module):
+    """A net built to be INT8-sensitive: one activation channel is 1000x the others.
+
+    Per-tensor activation quantization of `mid` spends its whole range on the
+    outlier channel and rounds the other channels to almost nothing, so the
+    INT8 model's classes differ from FP32's. `mix` divides the outlier back down,
+    so in float the net behaves normally.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 16, 3, padding=1)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.head = nn.Linear(16 * 16, 10)
+        with torch.no_grad():
+            self.mid.weight[0] *= 1000.0
+            self.mid.bias[0] = 0.0
+            self.mix.weight[:, 0] /= 1000.0
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = self.mix(self.mid(x))
+        return self.head(torch.flatten(self.pool(torch.relu(x)), 1))
+
+
+def outlier_net() -> nn.Module:
+    """The INT8-sensitive net, seeded."""
+    torch.manual_seed(3)
+    return OutlierNet().eval()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.errors import UserError
 from deploykit.fsutil import write_json_atomic
 from deploykit.models.contract import InputContract
 from deploykit.models.loaders import ModelSource
@@ -47,6 +48,9 @@ class Capabilities:
     # Activation/weight encoding of the Q/DQ model this backend runs fastest and correctly
     # (see deploykit.stages.calibrate.ENCODINGS); None when it has no INT8 path.
     int8_encoding: str | None = None
+    # The backend's own post-training quantizer (e.g. "nncf"), offered next to
+    # deploykit's Q/DQ calibration; None when it has none here.
+    native_quantizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,3 +223,28 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def runner(self, artifact: CompiledArtifact) -> Runner:
         """Create a runner for a compiled artifact."""
+
+    def quantize(
+        self,
+        onnx_path: Path,
+        calibration: np.ndarray,
+        out_dir: Path,
+        contract: InputContract,
+        options: dict[str, Any],
+    ) -> tuple[Path, dict[str, Any]]:
+        """Quantize the FP32 ONNX model to INT8 with the backend's own quantizer.
+
+        Args:
+            onnx_path: The fused FP32 ONNX model.
+            calibration: Preprocessed NCHW calibration inputs.
+            out_dir: Run folder to write the quantized model into.
+            contract: The model's input contract.
+            options: Calibration options (``method``, ``per_channel``, ``bias_correction``...).
+
+        Returns:
+            The quantized model file (which :meth:`compile` accepts) and what was done.
+
+        Raises:
+            UserError: The backend has no native quantizer here.
+        """
+        raise UserError(f"{self.name} has no native INT8 quantizer; use --quantizer deploykit")

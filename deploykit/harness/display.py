@@ -52,7 +52,7 @@ def render_report(console: Console, report: Report, run_dir: str) -> None:
     table.add_column("size", justify="right")
     table.add_column("details")
     for stage in report.stages:
-        if stage.name in ("fidelity", "latency"):
+        if stage.name in ("fidelity", "latency", "accuracy"):
             continue
         table.add_row(
             stage.name,
@@ -86,6 +86,8 @@ def render_report(console: Console, report: Report, run_dir: str) -> None:
             f"{fid['top1_agreement'] * 100:.1f}% · top-5 {fid['top5_overlap'] * 100:.1f}%"
             f" · {fid['samples']} inputs",
         )
+    for result in (report.accuracy or {}).values():
+        table.add_row("accuracy", f"{result.get('seconds', 0):.2f}", "", "", accuracy_line(result))
     console.print(table)
     for gate in report.gates:
         mark = "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]"
@@ -94,6 +96,47 @@ def render_report(console: Console, report: Report, run_dir: str) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
     style = "green" if report.status == "ok" else "red"
     console.print(f"status: [{style}]{report.status}[/{style}] · {run_dir}/report.json")
+
+
+def accuracy_line(result: dict[str, Any]) -> str:
+    """One evaluation as text: accuracy against labels and agreement with FP32."""
+    text = f"{result['dataset']} ({result['samples']}): "
+    if result.get("top1") is not None:
+        text += (
+            f"top-1 {result['top1']:.2f}% vs fp32 {result['fp32_top1']:.2f}% "
+            f"(drop {result['drop']:+.2f} pt) · top-5 {result['top5']:.2f}% vs "
+            f"{result['fp32_top5']:.2f}% · "
+        )
+    return text + (
+        f"agrees with fp32: top-1 {result['top1_agreement']:.1f}%, top-5 overlap "
+        f"{result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
+    )
+
+
+def render_eval(console: Console, result: dict[str, Any]) -> None:
+    """`deploykit eval`: one line per evaluation."""
+    console.print(
+        f"{result['model']} → {result['target']} {result['precision']}: "
+        f"{escape(accuracy_line(result['evaluation']))}"
+    )
+
+
+def render_datasets(console: Console, rows: list[dict[str, Any]]) -> None:
+    """`deploykit datasets`: the shipped sets and whether their data is installed."""
+    table = Table(title="calibration and evaluation sets (calibration/*.json)")
+    table.add_column("name", no_wrap=True)
+    for column in ("role", "inputs", "labels", "sha256", "available"):
+        table.add_column(column, no_wrap=column != "available")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["role"],
+            str(row["count"]),
+            row["labels"] or "-",
+            row["sha256"][:12],
+            "yes" if row["available"] else f"no: {escape(row['reason'])}",
+        )
+    console.print(table)
 
 
 def _stage_details(name: str, details: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ class Report(BaseModel):
     fidelity: dict[str, Any] | None = None
     fidelity_reference: str | None = None
     accuracy: dict[str, Any] | None = None
+    fallback: dict[str, Any] | None = None
     backend: dict[str, Any] = Field(default_factory=dict)
     gates: list[Gate] = Field(default_factory=list)
     status: str = "ok"

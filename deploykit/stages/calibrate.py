@@ -1,9 +1,31 @@
 """Calibrate stage: fused FP32 ONNX + calibration data -> explicit Q/DQ INT8 ONNX.
 
-ONNX Runtime's quantization tools compute the statistics (min-max, entropy or
-percentile) and insert QuantizeLinear/DequantizeLinear pairs with per-channel
-symmetric INT8 weights. The activation encoding depends on who runs the file,
-and is chosen from measurements (see ENCODINGS).
+Calibrate once, compile everywhere (DESIGN.md, principle 1). The stage has two
+halves:
+
+1. `collect_statistics`: ONNX Runtime's calibrators (min-max, entropy or
+   percentile) run the model once over the calibration data and give one
+   activation range ``[lo, hi]`` per tensor. The ranges are cached on disk
+   (`deploykit.stages.calibcache`), keyed by the model, the data and the method.
+2. `write_qdq`: ONNX Runtime's QDQ quantizer inserts QuantizeLinear /
+   DequantizeLinear pairs from those ranges, with per-channel symmetric INT8
+   weights, in the activation encoding each backend runs best (see ENCODINGS).
+
+The ranges are collected exactly as ``quantize_static`` collects them, so both
+encodings derive from one collection and equal what ``quantize_static`` writes:
+
+- minmax: the calibrator runs with ``symmetric=False`` and returns the observed
+  ``[min, max]``;
+- entropy: the KL threshold does not depend on ``symmetric`` (a signed histogram
+  over ``[-amax, amax]``), clipped to ``[min, max]``;
+- percentile: ONNX Runtime's default, a histogram of ``|x|``; the threshold ``t``
+  becomes ``[max(min, -t), min(max, t)]`` (so a ReLU output gets ``[0, t]``).
+
+u8s8 uses ``[lo, hi]`` as is (asymmetric UINT8); s8s8 uses
+``max(|lo|, |hi|)`` (zero point 0), which the quantizer derives from the same range.
+
+After Q/DQ insertion, optional bias correction (`deploykit.stages.biascorrect`)
+shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
 """
 
 from __future__ import annotations
@@ -11,14 +33,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages.onnxcheck import OrtSession, load_onnx, op_counts
+from deploykit.stages import calibcache
+from deploykit.stages.onnxcheck import load_onnx, op_counts
 
 METHODS = ("minmax", "entropy", "percentile")
 # s8s8: symmetric INT8 activations and weights, zero points 0 — what TensorRT's strongly
@@ -40,12 +67,21 @@ class CalibrationOptions:
         percentile: Percentile of |activation| kept with ``method="percentile"``.
         encoding: s8s8 (portable, symmetric) or u8s8 (x86 CPU runtimes).
         per_channel: Per-output-channel weight scales (per-tensor when False).
+        bias_correction: Shift Conv/Gemm biases so per-channel output means match FP32.
+            None decides from the graph (on when at least a quarter of the Conv nodes
+            are depthwise; see `deploykit.stages.biascorrect.DEPTHWISE_SHARE`).
+        use_cache: Reuse cached statistics; False collects afresh and rewrites the entry.
+        nodes_to_exclude: Node names (of the fused graph) kept in float: no Q/DQ on
+            their weights (for per-layer fallback).
     """
 
     method: str = "minmax"
     percentile: float = 99.999
     encoding: str = "s8s8"
     per_channel: bool = True
+    bias_correction: bool | None = None
+    use_cache: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise UserError for unknown choices."""
@@ -59,11 +95,55 @@ class CalibrationOptions:
             )
         if not 90.0 <= self.percentile < 100.0:
             raise UserError(f"--calib-percentile must be in [90, 100), got {self.percentile}")
+        if isinstance(self.nodes_to_exclude, str) or not all(
+            isinstance(n, str) for n in self.nodes_to_exclude
+        ):
+            raise UserError("nodes_to_exclude must be a list of node names")
+
+
+@dataclass
+class CalibrationStats:
+    """Per-tensor activation ranges from one calibration pass; every encoding derives from them.
+
+    Attributes:
+        method: The calibration method that produced them.
+        percentile: The percentile used (``method="percentile"`` only).
+        ranges: Tensor name -> (lo, hi), float32 values held as Python floats.
+    """
+
+    method: str
+    percentile: float | None
+    ranges: dict[str, tuple[float, float]]
+
+    def symmetric_amax(self, name: str) -> float:
+        """The symmetric (s8s8) range of `name`: ``max(|lo|, |hi|)``."""
+        lo, hi = self.ranges[name]
+        return max(abs(lo), abs(hi))
+
+    def tensors_data(self) -> Any:
+        """A fresh onnxruntime ``TensorsData`` (the quantizer edits the one it is given)."""
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+        return TensorsData(
+            _ort_method(self.method),
+            {
+                name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                for name, (lo, hi) in self.ranges.items()
+            },
+        )
 
 
 @dataclass
 class CalibrationReport:
-    """What the calibrate stage did."""
+    """What the calibrate stage did.
+
+    Attributes:
+        cache: ``hit``, ``miss``, ``rebuilt: <reason>`` or ``off`` (``off: <reason>`` when
+            the entry could not be written).
+        statistics_seconds: Time to collect the statistics (or read them from the cache).
+        qdq_seconds: Time to write the Q/DQ model from the statistics.
+        bias_correction: What bias correction did (see `BiasCorrectionReport`).
+    """
 
     method: str
     encoding: str
@@ -72,10 +152,37 @@ class CalibrationReport:
     quantize_nodes: int
     dequantize_nodes: int
     seconds: float
+    cache: str = "off"
+    cache_key: str = ""
+    statistics_seconds: float = 0.0
+    qdq_seconds: float = 0.0
+    tensors_calibrated: int = 0
+    nodes_excluded: list[str] = field(default_factory=list)
+    preprocess: str = "ok"
+    bias_correction: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return dict(self.__dict__)
+
+
+@dataclass
+class _Prepared:
+    """The graph that is calibrated and quantized (the fused graph after ORT pre-processing)."""
+
+    path: Path
+    note: str
+    model: Any
+    workdir: Path
+
+    @property
+    def tensor_names(self) -> set[str]:
+        graph = self.model.graph
+        return {t for node in graph.node for t in node.output} | {i.name for i in graph.input}
+
+    @property
+    def node_names(self) -> set[str]:
+        return {node.name for node in self.model.graph.node}
 
 
 def calibrate_onnx(
@@ -83,32 +190,153 @@ def calibrate_onnx(
 ) -> CalibrationReport:
     """Write a Q/DQ INT8 model of `fused` to `out_path`, calibrated on `data`.
 
+    Statistics come from the cache when an entry for (model, data, method) exists
+    and verifies; otherwise they are collected and stored. The Q/DQ model is
+    written in `options.encoding`, without Q/DQ on the weights of
+    `options.nodes_to_exclude`, and bias-corrected when `options.bias_correction`
+    (or its auto rule) says so.
+
+    Args:
+        fused: The FP32 model (the fuse stage's output).
+        out_path: Where the Q/DQ model goes (written atomically).
+        data: Calibration inputs.
+        options: Method, encoding, cache, bias correction, excluded nodes.
+
+    Returns:
+        What was done, with the cache outcome and the timings.
+
     Raises:
         UserError: Bad options, or data that does not fit the model.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from deploykit.stages import biascorrect
 
     options.validate()
     started = time.perf_counter()
-    session = OrtSession(fused)
-    batch = _static_batch(fused)
+    with _prepared(fused) as prep:
+        _check_inputs(prep, data)
+        _check_excluded(prep, options.nodes_to_exclude)
+        t0 = time.perf_counter()
+        stats, cache, key = _statistics(fused, prep, data, options)
+        t1 = time.perf_counter()
+        model = _write_qdq(prep, stats, options.encoding, options.per_channel, options)
+        t2 = time.perf_counter()
+        counts = op_counts(model)
+        if not counts.get("QuantizeLinear"):
+            raise UserError(f"{fused.name} has no operator that ONNX Runtime can quantize")
+        enabled, reason = biascorrect.decide(options.bias_correction, prep.model)
+        if enabled:
+            bias = biascorrect.correct_biases(prep.path, model, data.inputs, reason)
+        else:
+            bias = biascorrect.BiasCorrectionReport(applied=False, reason=reason)
+        _save_checked(model, out_path)
+    return CalibrationReport(
+        method=options.method,
+        encoding=options.encoding,
+        per_channel=options.per_channel,
+        data=data.describe(),
+        quantize_nodes=counts.get("QuantizeLinear", 0),
+        dequantize_nodes=counts.get("DequantizeLinear", 0),
+        seconds=time.perf_counter() - started,
+        cache=cache,
+        cache_key=key,
+        statistics_seconds=t1 - t0,
+        qdq_seconds=t2 - t1,
+        tensors_calibrated=len(stats.ranges),
+        nodes_excluded=list(options.nodes_to_exclude),
+        preprocess=prep.note,
+        bias_correction=bias.to_dict(),
+    )
+
+
+def collect_statistics(fused: Path, data: Dataset, options: CalibrationOptions) -> CalibrationStats:
+    """Run ONNX Runtime's calibrator for `options.method` over `data` (no cache).
+
+    Raises:
+        UserError: Bad options, or data that does not fit the model.
+    """
+    options.validate()
+    with _prepared(fused) as prep:
+        _check_inputs(prep, data)
+        return _collect(prep, data, options)
+
+
+def write_qdq(
+    fused: Path,
+    stats: CalibrationStats,
+    out_path: Path,
+    encoding: str,
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+) -> Any:
+    """Write the Q/DQ model of `fused` in `encoding` from precomputed `stats` (no calibration).
+
+    Args:
+        fused: The FP32 model the statistics were collected on.
+        stats: Ranges from `collect_statistics` (or the cache).
+        out_path: Where the Q/DQ model goes (written atomically).
+        encoding: s8s8 or u8s8.
+        per_channel: Per-output-channel weight scales.
+        nodes_to_exclude: Nodes kept in float (no Q/DQ on their weights).
+
+    Returns:
+        The Q/DQ ``onnx.ModelProto`` that was written.
+
+    Raises:
+        UserError: Unknown encoding or node names, or statistics for tensors the model lacks.
+    """
+    options = CalibrationOptions(
+        method=stats.method,
+        encoding=encoding,
+        per_channel=per_channel,
+        nodes_to_exclude=tuple(nodes_to_exclude),
+    )
+    options.validate()
+    with _prepared(fused) as prep:
+        _check_excluded(prep, options.nodes_to_exclude)
+        unknown = sorted(set(stats.ranges) - prep.tensor_names)
+        if unknown:
+            raise UserError(
+                f"statistics name {len(unknown)} tensors that {fused.name} lacks "
+                f"(first: {unknown[0]!r}); collect them on this model"
+            )
+        model = _write_qdq(prep, stats, encoding, per_channel, options)
+        _save_checked(model, out_path)
+    return model
+
+
+def _statistics(
+    fused: Path, prep: _Prepared, data: Dataset, options: CalibrationOptions
+) -> tuple[CalibrationStats, str, str]:
+    """Statistics from the cache or a fresh collection; returns (stats, cache status, key)."""
+    key = calibcache.CacheKey.build(fused, data, options.method, options.percentile)
+    percentile = options.percentile if options.method == "percentile" else None
+    status = "off"
+    if options.use_cache:
+        found = calibcache.load(key, prep.tensor_names)
+        if found.ranges is not None:
+            return CalibrationStats(options.method, percentile, found.ranges), "hit", key.digest()
+        status = found.status
+    stats = _collect(prep, data, options)
+    try:
+        calibcache.store(key, stats.ranges)
+    except OSError as exc:
+        status = f"off: cannot write {calibcache.cache_dir()}: {exc.strerror or exc}"
+    return stats, status, key.digest()
+
+
+def _collect(prep: _Prepared, data: Dataset, options: CalibrationOptions) -> CalibrationStats:
+    """Run the calibrator on the prepared graph and return its ranges."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    batch = _static_batch(prep.model)
     inputs = data.inputs
-    if inputs.shape[1:] != tuple(session.session.get_inputs()[0].shape[1:]) and all(
-        isinstance(d, int) for d in session.session.get_inputs()[0].shape[1:]
-    ):
-        raise UserError(
-            f"calibration inputs have shape {inputs.shape[1:]}, the model takes "
-            f"{tuple(session.session.get_inputs()[0].shape[1:])}"
-        )
-    name = session.input_name
+    name = prep.model.graph.input[0].name
     chunks = [inputs[i : i + batch] for i in range(0, inputs.shape[0] - batch + 1, batch)]
+    if not chunks:
+        raise UserError(
+            f"the model takes batches of {batch}; pass at least {batch} calibration inputs"
+        )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -118,58 +346,151 @@ def calibrate_onnx(
             chunk = next(self.items, None)
             return None if chunk is None else {name: chunk}
 
-    method = {
+    with _quiet_ort():
+        calibrator = create_calibrator(
+            prep.path,
+            _op_types_to_quantize(),
+            augmented_model_path=str(prep.workdir / "augmented.onnx"),
+            calibrate_method=_ort_method(options.method),
+            # Exactly what quantize_static passes (CalibPercentile); `symmetric` is left
+            # at each calibrator's default — see the module docstring.
+            extra_options={"percentile": options.percentile},
+        )
+        calibrator.collect_data(Reader())
+        tensors = calibrator.compute_data()
+    ranges: dict[str, tuple[float, float]] = {}
+    for tensor, td in tensors.items():
+        lo, hi = (np.asarray(v, dtype=np.float32).reshape(-1) for v in td.range_value)
+        if lo.size != 1 or hi.size != 1:
+            raise RuntimeError(f"expected one range per tensor, got {lo.size} for {tensor!r}")
+        ranges[tensor] = (float(lo[0]), float(hi[0]))
+    percentile = options.percentile if options.method == "percentile" else None
+    return CalibrationStats(options.method, percentile, ranges)
+
+
+def _write_qdq(
+    prep: _Prepared,
+    stats: CalibrationStats,
+    encoding: str,
+    per_channel: bool,
+    options: CalibrationOptions,
+) -> Any:
+    """The Q/DQ ModelProto of the prepared graph, as ``quantize_static`` would write it."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import (
+        load_model_with_shape_infer,
+        update_opset_version,
+    )
+
+    activation = QuantType.QUInt8 if encoding == "u8s8" else QuantType.QInt8
+    with _quiet_ort():
+        model = load_model_with_shape_infer(prep.path)
+        model = update_opset_version(model, QuantType.QInt8, activation)
+        quantizer = QDQQuantizer(
+            model,
+            per_channel,
+            False,  # reduce_range
+            QuantType.QInt8,
+            activation,
+            stats.tensors_data(),
+            [],  # nodes_to_quantize: all
+            list(options.nodes_to_exclude),
+            _op_types_to_quantize(),
+            {
+                "ActivationSymmetric": encoding == "s8s8",
+                "WeightSymmetric": True,
+                "CalibPercentile": options.percentile,
+            },
+        )
+        quantizer.quantize_model()
+        quantizer.model.topological_sort()
+    return quantizer.model.model
+
+
+@contextlib.contextmanager
+def _prepared(fused: Path) -> Iterator[_Prepared]:
+    """ORT's quantization pre-processing (shape inference, basic optimisation) in a temp folder.
+
+    Pre-processing is an optimisation: when it fails, the fused graph is quantized
+    as is and the reason is recorded.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="deploykit-calib-") as tmp:
+        workdir = Path(tmp)
+        pre = workdir / "model.pre.onnx"
+        path, note = pre, "ok"
+        try:
+            with _quiet_ort():
+                quant_pre_process(str(fused), str(pre), skip_symbolic_shape=True)
+        except Exception as exc:  # ORT raises assorted types; the fused graph still quantizes
+            path, note = fused, f"skipped: {type(exc).__name__}: {str(exc)[:160]}"
+        yield _Prepared(path=path, note=note, model=load_onnx(path, check=False), workdir=workdir)
+
+
+def _check_inputs(prep: _Prepared, data: Dataset) -> None:
+    dims = prep.model.graph.input[0].type.tensor_type.shape.dim
+    expected = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
+    if all(isinstance(d, int) and d > 0 for d in expected) and data.inputs.shape[1:] != expected:
+        raise UserError(
+            f"calibration inputs have shape {data.inputs.shape[1:]}, the model takes {expected}"
+        )
+
+
+def _check_excluded(prep: _Prepared, nodes: Sequence[str]) -> None:
+    unknown = sorted(set(nodes) - prep.node_names)
+    if unknown:
+        weighted = [n.name for n in prep.model.graph.node if n.op_type in ("Conv", "Gemm")]
+        raise UserError(
+            f"nodes_to_exclude names nodes the graph lacks: {', '.join(unknown[:5])}; "
+            f"Conv/Gemm nodes are: {', '.join(weighted[:8])}{' ...' if len(weighted) > 8 else ''}"
+        )
+
+
+def _save_checked(model: Any, out_path: Path) -> None:
+    """Save `model` through a temporary file and the ONNX checker, then rename into place."""
+    import onnx
+
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        load_onnx(tmp)
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[None]:
+    """Silence ORT quantization's prints and warnings, restoring the logging level after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _ort_method(method: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
-    }[options.method]
-    pre = out_path.with_name(f".{out_path.name}.pre.onnx")
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    logging.getLogger("root").setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            try:
-                quant_pre_process(str(fused), str(pre), skip_symbolic_shape=True)
-                model_in = pre
-            except Exception:  # pre-processing is an optimisation; quantize the fused graph
-                model_in = fused
-            quantize_static(
-                str(model_in),
-                str(tmp),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=options.per_channel,
-                activation_type=QuantType.QUInt8 if options.encoding == "u8s8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                extra_options={
-                    "ActivationSymmetric": options.encoding == "s8s8",
-                    "WeightSymmetric": True,
-                    "CalibPercentile": options.percentile,
-                },
-            )
-        model = load_onnx(tmp)
-        tmp.replace(out_path)
-    finally:
-        for leftover in (pre, tmp):
-            leftover.unlink(missing_ok=True)
-        for extra in out_path.parent.glob("augmented_model*.onnx"):
-            extra.unlink(missing_ok=True)
-    counts = op_counts(model)
-    if not counts.get("QuantizeLinear"):
-        raise UserError(f"{fused.name} has no operator that ONNX Runtime can quantize")
-    return CalibrationReport(
-        method=options.method,
-        encoding=options.encoding,
-        per_channel=options.per_channel,
-        data=data.describe(),
-        quantize_nodes=counts.get("QuantizeLinear", 0),
-        dequantize_nodes=counts.get("DequantizeLinear", 0),
-        seconds=time.perf_counter() - started,
-    )
+    }[method]
 
 
-def _static_batch(path: Path) -> int:
-    model = load_onnx(path, check=False)
+def _op_types_to_quantize() -> list[str]:
+    """The op types quantize_static quantizes (and calibrates) by default, in a stable order."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def _static_batch(model: Any) -> int:
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1

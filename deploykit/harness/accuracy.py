@@ -1,0 +1,114 @@
+"""The accuracy gate of a run: real-data evaluation sets loaded once, judged per set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deploykit.harness.datasets import Dataset, load_eval_data
+from deploykit.harness.evaluate import evaluate_outputs, run_batched
+from deploykit.harness.report import Gate
+from deploykit.models.contract import InputContract
+
+Infer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class AccuracyCheck:
+    """Evaluation sets with their FP32 reference outputs, computed once and reused.
+
+    The accuracy-aware fallback evaluates several candidate models; the sets and
+    the reference outputs do not change between them.
+    """
+
+    sets: list[tuple[Dataset, np.ndarray]]
+    reference_label: str
+    batch: int
+    budget: float
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        names: list[str],
+        contract: InputContract,
+        samples: int | None,
+        reference: Infer,
+        reference_label: str,
+        batch: int,
+        budget: float,
+    ) -> AccuracyCheck:
+        """Load each set and run the FP32 reference on it."""
+        sets = []
+        for name in names:
+            data = load_eval_data(name, contract, samples)
+            sets.append((data, run_batched(reference, data.inputs, batch)))
+        return cls(sets=sets, reference_label=reference_label, batch=batch, budget=budget)
+
+    def evaluate(self, infer: Infer) -> dict[str, dict[str, Any]]:
+        """Evaluate a candidate on every set; the results also become :attr:`results`."""
+        import time
+
+        results = {}
+        for data, reference in self.sets:
+            started = time.perf_counter()
+            outputs = run_batched(infer, data.inputs, self.batch)
+            evaluation = evaluate_outputs(
+                outputs, reference, data, self.reference_label, time.perf_counter() - started
+            )
+            results[evaluation.dataset] = evaluation.to_dict()
+        self.results = results
+        return results
+
+    @property
+    def labelled(self) -> bool:
+        """True when some set has labels (only those are gated)."""
+        return any(data.labels is not None for data, _ in self.sets)
+
+    def worst_drop(self, results: dict[str, dict[str, Any]] | None = None) -> float | None:
+        """The largest top-1 drop beyond each labelled set's budget, plus the budget.
+
+        A value at or below :attr:`budget` means every labelled set meets its
+        (resolution-aware) budget; None without labels.
+        """
+        excess = [
+            r["drop"] - effective_budget(self.budget, int(r["samples"]))
+            for r in (results or self.results).values()
+            if r["drop"] is not None
+        ]
+        return max(excess) + self.budget if excess else None
+
+    def gates(self) -> list[Gate]:
+        """One gate per labelled set."""
+        return accuracy_gates(self.results, self.budget)
+
+
+def accuracy_gates(accuracy: dict[str, Any], budget: float) -> list[Gate]:
+    """One gate per labelled set: top-1 drop against FP32 within `budget` points."""
+    gates = []
+    for name, result in accuracy.items():
+        if result.get("drop") is None:
+            continue
+        allowed = effective_budget(budget, int(result["samples"]))
+        note = "" if allowed == budget else f"; one input of {result['samples']} is {allowed:g} pt"
+        gates.append(
+            Gate(
+                name=f"accuracy:{name}",
+                passed=result["drop"] <= allowed + 1e-9,
+                detail=f"top-1 {result['top1']:.2f}% vs fp32 {result['fp32_top1']:.2f}% "
+                f"(drop {result['drop']:+.2f} pt, budget {budget:g} pt{note})",
+            )
+        )
+    return gates
+
+
+def effective_budget(budget: float, samples: int) -> float:
+    """The budget a set can resolve: never below one input's worth of top-1.
+
+    On 20 labelled photos one image is 5 points, so a 1-point budget would forbid
+    any change at all; such a set allows one input, and larger sets the budget.
+    """
+    return max(budget, 100.0 / samples) if samples else budget

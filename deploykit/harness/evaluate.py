@@ -1,0 +1,163 @@
+"""Accuracy of a compiled artifact on a labelled or unlabelled set, next to FP32.
+
+For every input the artifact and the FP32 reference (the PyTorch model, or ONNX
+Runtime on the source ONNX file) both run; the result holds top-1/top-5 accuracy
+of each where labels exist, the drop in points, and agreement with FP32 (top-1
+agreement, top-5 overlap, cosine) always.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from deploykit.harness.datasets import Dataset
+from deploykit.harness.fidelity import compare_outputs
+
+Infer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One artifact on one set.
+
+    Attributes:
+        dataset: Set name or source.
+        samples: Inputs evaluated.
+        labelled: True when accuracy against labels was measured.
+        top1: Top-1 accuracy of the artifact, percent (labelled sets).
+        top5: Top-5 accuracy of the artifact, percent.
+        fp32_top1: Top-1 accuracy of the FP32 reference, percent.
+        fp32_top5: Top-5 accuracy of the FP32 reference, percent.
+        drop: ``fp32_top1 - top1`` in points (positive = the artifact is worse).
+        top1_agreement: Percent of inputs whose top-1 class matches FP32's.
+        top5_overlap: Mean percent of FP32's top-5 classes found in the artifact's top-5.
+        cosine_min: Smallest per-input cosine similarity of the outputs.
+        cosine_mean: Mean per-input cosine similarity.
+        reference: What the FP32 reference was.
+        data: The set's description (manifest, sha256, licence).
+        seconds: Wall time of the evaluation.
+    """
+
+    dataset: str
+    samples: int
+    labelled: bool
+    top1: float | None
+    top5: float | None
+    fp32_top1: float | None
+    fp32_top5: float | None
+    drop: float | None
+    top1_agreement: float
+    top5_overlap: float
+    cosine_min: float
+    cosine_mean: float
+    reference: str
+    data: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        parts = [f"{self.dataset} ({self.samples})"]
+        if self.labelled and self.top1 is not None:
+            parts.append(
+                f"top-1 {self.top1:.2f}% vs fp32 {self.fp32_top1:.2f}% "
+                f"(drop {self.drop:+.2f} pt), top-5 {self.top5:.2f}% vs {self.fp32_top5:.2f}%"
+            )
+        parts.append(
+            f"agreement top-1 {self.top1_agreement:.1f}%, top-5 overlap {self.top5_overlap:.1f}%"
+        )
+        return ", ".join(parts)
+
+
+def run_batched(infer: Infer, inputs: np.ndarray, batch: int) -> np.ndarray:
+    """Run `infer` over `inputs` in chunks of `batch`, padding the last chunk if needed.
+
+    A static-batch artifact only takes exactly `batch` inputs, so a short last
+    chunk is padded with copies of its first input and the padding dropped.
+    """
+    outputs = []
+    for start in range(0, inputs.shape[0], batch):
+        chunk = inputs[start : start + batch]
+        short = batch - chunk.shape[0]
+        if short:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], short, axis=0)])
+        out = np.asarray(infer(np.ascontiguousarray(chunk)))
+        outputs.append(out[: out.shape[0] - short] if short else out)
+    return np.concatenate(outputs)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of rows whose label is among the `k` largest logits."""
+    flat = logits.reshape(logits.shape[0], -1)
+    k = min(k, flat.shape[1])
+    top = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    return float(100.0 * np.mean((top == labels[:, None]).any(axis=1)))
+
+
+def evaluate_outputs(
+    outputs: np.ndarray,
+    reference: np.ndarray,
+    data: Dataset,
+    reference_label: str,
+    seconds: float = 0.0,
+) -> Evaluation:
+    """Score artifact outputs against FP32 outputs and, where known, the labels."""
+    fid = compare_outputs(reference, outputs)
+    top1 = top5 = ref1 = ref5 = drop = None
+    if data.labels is not None:
+        labels = np.asarray(data.labels)
+        top1, top5 = topk_accuracy(outputs, labels, 1), topk_accuracy(outputs, labels, 5)
+        ref1, ref5 = topk_accuracy(reference, labels, 1), topk_accuracy(reference, labels, 5)
+        drop = ref1 - top1
+    return Evaluation(
+        dataset=data.source,
+        samples=int(outputs.shape[0]),
+        labelled=data.labels is not None,
+        top1=top1,
+        top5=top5,
+        fp32_top1=ref1,
+        fp32_top5=ref5,
+        drop=drop,
+        top1_agreement=100.0 * fid.top1_agreement,
+        top5_overlap=100.0 * fid.top5_overlap,
+        cosine_min=fid.cosine,
+        cosine_mean=fid.cosine_mean,
+        reference=reference_label,
+        data=data.describe(),
+        seconds=round(seconds, 3),
+    )
+
+
+def evaluate(
+    infer: Infer,
+    reference: Infer,
+    data: Dataset,
+    batch: int,
+    reference_label: str,
+    reference_outputs: np.ndarray | None = None,
+) -> Evaluation:
+    """Run the artifact and the FP32 reference on `data` and score both.
+
+    Args:
+        infer: The artifact's runner (``Runner.infer``).
+        reference: The FP32 reference.
+        data: The set.
+        batch: Batch the artifact takes.
+        reference_label: What the reference is, for the report.
+        reference_outputs: FP32 outputs computed before (skips running the reference).
+    """
+    started = time.perf_counter()
+    outputs = run_batched(infer, data.inputs, batch)
+    if reference_outputs is None:
+        reference_outputs = run_batched(reference, data.inputs, batch)
+    return evaluate_outputs(
+        outputs, reference_outputs, data, reference_label, time.perf_counter() - started
+    )

@@ -1,0 +1,101 @@
+"""Accuracy-aware per-layer fallback: ranking, schedule, and real recovery on both backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploykit import api
+from deploykit.errors import GateError
+from deploykit.stages.fallback import LayerSensitivity, run_fallback, schedule
+
+SIZE = ["--input-size", "32"]
+
+
+def test_schedule_grows_one_step_at_a_time_up_to_the_limit() -> None:
+    assert schedule(50, 12) == [1, 2, 3, 4, 6, 9, 12]
+    assert schedule(3, 10) == [1, 2, 3]
+    assert schedule(0, 4) == []
+
+
+def test_run_fallback_stops_at_the_first_step_that_meets_the_budget() -> None:
+    ranking = [LayerSensitivity(f"t{i}", (f"n{i}",), 40.0, 40.0 - i, float(i)) for i in range(8)]
+    tried: list[list[str]] = []
+
+    def attempt(excluded: list[str]) -> tuple[float, dict[str, object]]:
+        tried.append(excluded)
+        return (0.5 if len(excluded) >= 3 else 5.0), {}
+
+    result = run_fallback(ranking, attempt, budget=1.0, initial_drop=9.0, max_layers=8)
+    assert result.met and result.excluded == ["n0", "n1", "n2"]
+    assert [len(t) for t in tried] == [1, 2, 3]
+    missed = run_fallback(ranking, lambda e: (5.0, {}), budget=1.0, initial_drop=9.0, max_layers=2)
+    assert not missed.met and len(missed.steps) == 2
+
+
+def _eval_set(tmp_path: Path) -> Path:
+    """200 inputs labelled with the FP32 model's own classes (FP32 top-1 = 100%)."""
+    import torch
+    from tinynets import outlier_net
+
+    from deploykit.harness.inputs import synthetic_images
+    from deploykit.models.contract import InputContract
+
+    inputs = synthetic_images(InputContract(height=32, width=32, resize=32), 200, seed=5)
+    with torch.inference_mode():
+        labels = outlier_net()(torch.from_numpy(inputs)).argmax(dim=1).numpy()
+    assert len(set(labels.tolist())) >= 3  # a real classification, not one class
+    path = tmp_path / "eval.npz"
+    np.savez(path, inputs=inputs, labels=labels)
+    return path
+
+
+@pytest.mark.parametrize("target", [pytest.param("onnxruntime"), pytest.param("openvino")])
+def test_fallback_recovers_accuracy_on_a_sensitive_model(tmp_path: Path, target: str) -> None:
+    if target == "openvino":
+        pytest.importorskip("openvino")
+    eval_path = _eval_set(tmp_path)
+    common = dict(
+        model="tinynets:outlier_net",
+        target=target,
+        precision="int8",
+        input_size=(32, 32),
+        calib="synthetic",
+        calib_samples=32,
+        eval_data=[str(eval_path)],
+        max_accuracy_drop=3.0,
+        runs=5,
+        warmup=1,
+        min_seconds=0.0,
+        fidelity_samples=8,
+    )
+    # Without the fallback the budget is missed by far: the gate fails, the run is kept.
+    with pytest.raises(GateError, match="accuracy"):
+        api.export(api.ExportRequest(**common, out=str(tmp_path / "plain"), fallback=False))
+    plain = api.load_report(tmp_path / "plain" / "outlier_net" / f"{target}-int8")
+    before = plain.accuracy[str(eval_path)]
+    assert plain.status.startswith("failed") and before["drop"] > 10.0
+    print(f"{target}: INT8 without fallback top-1 {before['top1']:.1f}% (drop {before['drop']})")
+
+    result = api.export(api.ExportRequest(**common, out=str(tmp_path / "fb")))
+    report = result.report
+    after = report.accuracy[str(eval_path)]
+    assert report.status == "ok"
+    assert report.fallback is not None and report.fallback["met"]
+    assert after["drop"] <= 3.0 and after["top1"] >= before["top1"] + 50.0
+    excluded = report.fallback["excluded"]
+    # The outlier activation (the output of `mid`) ranks first, and keeping its two
+    # layers in float is enough: the stem and the head stay INT8.
+    assert report.fallback["ranking"][0]["nodes"] == ["node_conv2d_1", "node_conv2d_2"]
+    assert excluded == ["node_conv2d_1", "node_conv2d_2"]
+    assert len(report.fallback["steps"]) == 1
+    # The kept artifact still runs integer kernels for the layers left in INT8.
+    gate = next(g for g in report.gates if g.name == "precision")
+    assert gate.passed and gate.detail.startswith("mixed:")
+    assert "mixed: 0 compute layers" not in gate.detail
+    print(
+        f"{target}: fallback kept {excluded} in float: top-1 {after['top1']:.1f}% "
+        f"(drop {after['drop']:.1f})"
+    )
