@@ -12,6 +12,7 @@ import torch
 
 from deploykit.backends.base import BatchRange, CompiledArtifact, CompileOptions
 from deploykit.backends.registry import get_backend
+from deploykit.harness.evaluate import run_batched
 from deploykit.harness.fidelity import PRECISION_TOLERANCE, compare_outputs
 from deploykit.harness.inputs import synthetic_images
 from deploykit.models.contract import InputContract
@@ -168,12 +169,16 @@ def test_openvino_bf16_is_its_own_precision(
         pytest.skip("this CPU has no bf16 support in OpenVINO")
     prep = _prepare(prepared, "squeezenet1_1", 64, False, tmp_path_factory.getbasetemp())
     artifact = backend.compile(
-        prep.fused_onnx, tmp_path, prep.contract, CompileOptions(precision="bf16"), prep.source
+        prep.fused_onnx,
+        tmp_path,
+        prep.contract,
+        CompileOptions(precision="bf16", batch=2),
+        prep.source,
     )
     assert artifact.effective_precision == "bf16"
     x = synthetic_images(prep.contract, 4, seed=1)
     with backend.runner(artifact) as runner:
-        fid = compare_outputs(_reference(prep, x), runner.infer(x))
+        fid = compare_outputs(_reference(prep, x), run_batched(runner.infer, x, 2))
     assert not PRECISION_TOLERANCE["bf16"].violations(fid), fid
     assert fid.rel_err > 1e-6  # really computed in a lower precision
 

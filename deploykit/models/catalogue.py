@@ -243,7 +243,8 @@ def _all_specs() -> dict[str, ModelSpec]:
 def list_models() -> list[ModelSpec]:
     """All catalogue entries, emphasis families first, then by family and natural name order."""
     return sorted(
-        _all_specs().values(), key=lambda s: (_family_rank(s.family), _natural_key(s.name))
+        _all_specs().values(),
+        key=lambda s: (_family_rank(s.family), _family_of(s.name)[0], _natural_key(s.name)),
     )
 
 
