@@ -29,6 +29,8 @@ from deploykit.models.contract import InputContract
 from deploykit.models.loaders import RANDOM_WEIGHTS_NOTE, load_torch, resolve
 
 Step = Callable[[str], None]
+# PyTorch references take any batch: evaluation sets run through them in chunks this big.
+REFERENCE_BATCH = 64
 
 
 def _quiet(_: str) -> None:
@@ -235,9 +237,10 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
         calib_options.validate()
         if request.quantizer not in ("deploykit", caps.native_quantizer):
             native = f" or {caps.native_quantizer}" if caps.native_quantizer else ""
+            hint = "" if native else f" (if {request.quantizer} is not installed: pip install it)"
             raise UserError(
                 f"{backend.name} has no {request.quantizer!r} quantizer here; choose "
-                f"--quantizer deploykit{native}"
+                f"--quantizer deploykit{native}{hint}"
             )
     if request.max_accuracy_drop < 0:
         raise UserError(f"--max-accuracy-drop must be >= 0, got {request.max_accuracy_drop}")
@@ -888,7 +891,14 @@ def _accuracy_stage(
     started = time.perf_counter()
     reference, label = _reference(module, work / "model.onnx")
     check = AccuracyCheck.load(
-        sets, contract, request.eval_samples, reference, label, batch, request.max_accuracy_drop
+        sets,
+        contract,
+        request.eval_samples,
+        reference,
+        label,
+        batch,
+        request.max_accuracy_drop,
+        reference_batch=REFERENCE_BATCH if module is not None else None,
     )
     with backend.runner(artifact) as runner:
         report.accuracy = check.evaluate(runner.infer)
@@ -972,6 +982,7 @@ def evaluate(
     from deploykit.backends.base import CompiledArtifact
     from deploykit.harness.datasets import load_eval_data
     from deploykit.harness.evaluate import evaluate as run_evaluation
+    from deploykit.harness.evaluate import run_batched
     from deploykit.models.loaders import ModelSource
 
     folder = Path(run_dir)
@@ -985,8 +996,13 @@ def evaluate(
     reference, label = _reference(module, folder / "model.onnx")
     batch = int(report.input.get("batch", 1))
     on_step(f"evaluating {dataset.inputs.shape[0]} inputs")
+    reference_outputs = run_batched(
+        reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
+    )
     with backend.runner(artifact) as runner:
-        result = run_evaluation(runner.infer, reference, dataset, batch, label)
+        result = run_evaluation(
+            runner.infer, reference, dataset, batch, label, reference_outputs=reference_outputs
+        )
     if save:
         report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
         report.save(folder)

@@ -364,8 +364,8 @@ def bench(
     "--targets",
     default="torch,onnxruntime,openvino",
     show_default=True,
-    help="Comma-separated targets, each optionally :precision (e.g. openvino:int8); "
-    "torch is the baseline of the speedups.",
+    help="Comma-separated targets, each optionally :precision or :int8-QUANTIZER (e.g. "
+    "openvino:int8, openvino:bf16, openvino:int8-nncf); torch is the baseline of the speedups.",
 )
 @click.option(
     "--calib",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 from deploykit.fsutil import sha256_file
 from deploykit.harness import fashion_mnist

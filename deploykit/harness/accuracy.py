@@ -40,12 +40,18 @@ class AccuracyCheck:
         reference_label: str,
         batch: int,
         budget: float,
+        reference_batch: int | None = None,
     ) -> AccuracyCheck:
-        """Load each set and run the FP32 reference on it."""
+        """Load each set and run the FP32 reference on it.
+
+        Args:
+            reference_batch: Batch for the reference when it takes any batch (PyTorch);
+                default the artifact's batch.
+        """
         sets = []
         for name in names:
             data = load_eval_data(name, contract, samples)
-            sets.append((data, run_batched(reference, data.inputs, batch)))
+            sets.append((data, run_batched(reference, data.inputs, reference_batch or batch)))
         return cls(sets=sets, reference_label=reference_label, batch=batch, budget=budget)
 
     def evaluate(self, infer: Infer) -> dict[str, dict[str, Any]]:

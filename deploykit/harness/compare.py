@@ -6,6 +6,17 @@ OpenVINO; round 2: the same, ...) so slow drifts of a noisy machine hit every
 target alike, and each figure is the median over rounds of the per-round p50.
 Optionally OpenVINO's own `benchmark_app` times the same IR with the same
 threads and batch, to show deploykit's harness adds no overhead.
+
+A target is ``backend``, ``backend:precision`` or ``backend:int8-QUANTIZER``:
+
+* ``openvino`` runs at ``--precision`` (fp32 by default);
+* ``openvino:int8`` runs deploykit's Q/DQ ONNX (one calibration per encoding);
+* ``openvino:int8-nncf`` runs the backend's own quantizer's model (NNCF's INT8 IR).
+
+Every INT8 target of a model is calibrated on the same inputs with the minmax
+method, so ``openvino:int8`` and ``openvino:int8-nncf`` differ only in the
+quantizer, and each non-fp32 row has its speedup over the fp32 row of the same
+backend.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit.backends.base import CompiledArtifact, CompileOptions, Runner
+from deploykit.backends.base import Backend, CompiledArtifact, CompileOptions, Runner
 from deploykit.backends.registry import require_backend
 from deploykit.errors import UserError
 from deploykit.harness.environment import cpu_info, usable_cores, versions
@@ -30,6 +41,58 @@ from deploykit.harness.inputs import synthetic_images
 from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
 
 Step = Callable[[str], None]
+DEFAULT_QUANTIZER = "deploykit"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One ``--targets`` entry: ``backend[:precision[-quantizer]]``.
+
+    Attributes:
+        backend: Backend name.
+        precision: Precision it runs at.
+        quantizer: Who made the INT8 model: ``deploykit`` (Q/DQ ONNX) or the backend's
+            own quantizer (``nncf`` for OpenVINO).
+    """
+
+    backend: str
+    precision: str
+    quantizer: str = DEFAULT_QUANTIZER
+
+    @classmethod
+    def parse(cls, spec: str, default_precision: str) -> TargetSpec:
+        """Parse ``openvino``, ``openvino:int8`` or ``openvino:int8-nncf``.
+
+        Raises:
+            UserError: A quantizer on a precision other than int8, or an empty part.
+        """
+        name, _, rest = spec.partition(":")
+        precision, _, quantizer = (rest or default_precision).partition("-")
+        if not name or not precision or (rest and "-" in rest and not quantizer):
+            raise UserError(f"bad target {spec!r}: expected BACKEND[:PRECISION[-QUANTIZER]]")
+        if quantizer and precision != "int8":
+            raise UserError(
+                f"bad target {spec!r}: a quantizer applies to int8 only (e.g. {name}:int8-nncf)"
+            )
+        return cls(name, precision, quantizer or DEFAULT_QUANTIZER)
+
+    def check(self, backend: Backend) -> None:
+        """Refuse a quantizer the backend does not have here, saying how to get it.
+
+        Raises:
+            UserError: The backend has no such quantizer (or its package is missing).
+        """
+        if self.quantizer == DEFAULT_QUANTIZER:
+            return
+        native = backend.capabilities().native_quantizer
+        if self.quantizer != native:
+            use = [f"{backend.name}:int8-{native}"] if native else []
+            use.append(f"{backend.name}:int8 (deploykit's Q/DQ model)")
+            install = "" if native else f" (if it is not installed: `pip install {self.quantizer}`)"
+            raise UserError(
+                f"{backend.name} has no {self.quantizer!r} quantizer here{install}; "
+                f"use {' or '.join(use)}"
+            )
 
 
 @dataclass
@@ -60,9 +123,11 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
     if options.rounds < 1 or options.runs < 1:
         raise UserError("--rounds and --runs must be at least 1")
     threads = options.threads or usable_cores()
-    # A target is "backend" or "backend:precision" (e.g. openvino:int8).
-    specs = {spec: _parse_spec(spec, options.precision) for spec in options.targets}
-    backends = {spec: require_backend(name) for spec, (name, _) in specs.items()}
+    # A target is "backend", "backend:precision" or "backend:int8-quantizer".
+    specs = {spec: TargetSpec.parse(spec, options.precision) for spec in options.targets}
+    backends = {spec: require_backend(target.backend) for spec, target in specs.items()}
+    for spec, target in specs.items():
+        target.check(backends[spec])
     rows: list[dict[str, Any]] = []
     for model in options.models:
         source, contract = resolve(model, input_size=options.input_size)
@@ -78,22 +143,16 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
         fused, _ = fuse_onnx(exported, folder / "model.fused.onnx", contract, [options.batch])
         del module
         artifacts: dict[str, CompiledArtifact] = {}
-        qdq: dict[str, Path] = {}
+        int8 = _Int8Models(fused.path, folder, contract, options, on_step)
         for name, backend in backends.items():
-            precision = specs[name][1]
-            onnx_path = fused.path
-            if precision == "int8":
-                encoding = backend.capabilities().int8_encoding or "s8s8"
-                if encoding not in qdq:
-                    on_step(f"{model}: calibrate ({encoding})")
-                    qdq[encoding] = _calibrate(fused.path, folder, contract, encoding, options)
-                onnx_path = qdq[encoding]
+            target = specs[name]
+            model_path = int8.get(backend, target) if target.precision == "int8" else fused.path
             on_step(f"{model}: compile for {name}")
             artifacts[name] = backend.compile(
-                onnx_path,
+                model_path,
                 folder / name.replace(":", "-"),
                 contract,
-                CompileOptions(precision=precision, threads=threads, batch=options.batch),
+                CompileOptions(precision=target.precision, threads=threads, batch=options.batch),
                 source=source,
             )
         batch = synthetic_images(contract, options.batch, seed=99)
@@ -135,18 +194,17 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
         )
         for name, stats in per_round.items():
             p50 = statistics.median(s.p50_ms for s in stats)
-            fp32_key = specs[name][0]
+            fp32_key = _fp32_spec(specs, name)
             fp32_p50 = (
-                statistics.median(s.p50_ms for s in per_round[fp32_key])
-                if specs[name][1] != "fp32" and fp32_key in per_round
-                else None
+                statistics.median(s.p50_ms for s in per_round[fp32_key]) if fp32_key else None
             )
             rows.append(
                 {
                     "model": source.name,
-                    "target": specs[name][0],
+                    "target": specs[name].backend,
                     "spec": name,
-                    "requested_precision": specs[name][1],
+                    "requested_precision": specs[name].precision,
+                    "quantizer": specs[name].quantizer if specs[name].precision == "int8" else None,
                     "speedup_vs_fp32": (fp32_p50 / p50) if fp32_p50 else None,
                     "precision": artifacts[name].effective_precision,
                     "batch": options.batch,
@@ -181,21 +239,71 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
     }
 
 
-def _parse_spec(spec: str, default_precision: str) -> tuple[str, str]:
-    name, _, precision = spec.partition(":")
-    return name, precision or default_precision
+def _fp32_spec(specs: dict[str, TargetSpec], name: str) -> str | None:
+    """The fp32 target of the same backend that `name`'s speedup is measured against."""
+    if specs[name].precision == "fp32":
+        return None
+    return next(
+        (
+            other
+            for other, target in specs.items()
+            if target.backend == specs[name].backend and target.precision == "fp32"
+        ),
+        None,
+    )
 
 
-def _calibrate(
-    fused: Path, folder: Path, contract: Any, encoding: str, options: CompareOptions
-) -> Path:
-    from deploykit.harness.datasets import load_dataset
-    from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
+class _Int8Models:
+    """The INT8 models of one model, each made once and shared by the targets that run it.
 
-    data = load_dataset(options.calib, contract, options.calib_samples)
-    out = folder / f"model.int8.{encoding}.qdq.onnx"
-    calibrate_onnx(fused, out, data, CalibrationOptions(encoding=encoding))
-    return out
+    deploykit's Q/DQ ONNX is made once per encoding, a backend's own quantizer once per
+    backend; all of them from the same calibration inputs and with the minmax method.
+    """
+
+    def __init__(
+        self, fused: Path, folder: Path, contract: Any, options: CompareOptions, on_step: Step
+    ) -> None:
+        self.fused = fused
+        self.folder = folder
+        self.contract = contract
+        self.options = options
+        self.on_step = on_step
+        self.made: dict[tuple[str, str], Path] = {}
+        self._data: Any = None
+
+    def get(self, backend: Backend, target: TargetSpec) -> Path:
+        """The INT8 model file `target` compiles."""
+        if target.quantizer == DEFAULT_QUANTIZER:
+            key = ("qdq", backend.capabilities().int8_encoding or "s8s8")
+        else:
+            key = (target.quantizer, backend.name)
+        if key not in self.made:
+            self.on_step(f"{self.folder.name}: calibrate ({key[0]}, {key[1]})")
+            self.made[key] = (
+                self._qdq(key[1]) if key[0] == "qdq" else self._native(backend, target.quantizer)
+            )
+        return self.made[key]
+
+    def data(self) -> Any:
+        """The calibration inputs, loaded once."""
+        from deploykit.harness.datasets import load_dataset
+
+        if self._data is None:
+            self._data = load_dataset(self.options.calib, self.contract, self.options.calib_samples)
+        return self._data
+
+    def _qdq(self, encoding: str) -> Path:
+        from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
+
+        out = self.folder / f"model.int8.{encoding}.qdq.onnx"
+        calibrate_onnx(self.fused, out, self.data(), CalibrationOptions(encoding=encoding))
+        return out
+
+    def _native(self, backend: Backend, quantizer: str) -> Path:
+        options = {"method": "minmax", "percentile": 99.999, "per_channel": True, "seed": 0}
+        out = self.folder / f"{backend.name}-{quantizer}"
+        path, _ = backend.quantize(self.fused, self.data().inputs, out, self.contract, options)
+        return path
 
 
 def benchmark_app_available() -> bool:
@@ -262,7 +370,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ver = result["versions"]
     opts = result["options"]
     models = list(dict.fromkeys(row["model"] for row in result["rows"]))
-    targets = list(dict.fromkeys(row.get("spec", row["target"]) for row in result["rows"]))
+    targets = list(dict.fromkeys(_spec(row) for row in result["rows"]))
     command = (
         f"deploykit compare {' '.join(models)} --targets {','.join(targets)} "
         f"--precision {opts['precision']} --batch {opts['batch']} --threads {opts['threads']} "
@@ -294,8 +402,13 @@ def to_markdown(result: dict[str, Any]) -> str:
         ratio = f"{row['p50_ms'] / app_ms:.3f}" if app_ms else ""
         vs_fp32 = f"{row['speedup_vs_fp32']:.2f}x" if row.get("speedup_vs_fp32") else ""
         lines.append(
-            f"| {row['model']} | {row['target']} | {row['precision']} | {row['p50_ms']:.2f} | "
+            f"| {row['model']} | {_spec(row)} | {row['precision']} | {row['p50_ms']:.2f} | "
             f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['spread_pct']:.1f}% | "
             f"{speed} | {vs_fp32} | {app} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _spec(row: dict[str, Any]) -> str:
+    """The target as given on the command line (``openvino:int8-nncf``)."""
+    return str(row.get("spec", row["target"]))

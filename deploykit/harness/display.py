@@ -254,21 +254,24 @@ def render_compare(console: Console, result: dict[str, Any]) -> None:
         "p99 ms",
         "spread",
         "vs torch",
+        "vs fp32",
         "benchmark_app ms",
     ):
         table.add_column(col, justify="left" if col in ("model", "target") else "right")
     for row in result["rows"]:
         speed = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else ""
         app = f"{row['benchmark_app_median_ms']:.2f}" if row["benchmark_app_median_ms"] else ""
+        vs_fp32 = row.get("speedup_vs_fp32")
         table.add_row(
             row["model"],
-            row["target"],
+            row.get("spec", row["target"]),
             row["precision"],
             f"{row['p50_ms']:.2f}",
             f"{row['p90_ms']:.2f}",
             f"{row['p99_ms']:.2f}",
             f"{row['spread_pct']:.1f}%",
             speed,
+            f"{vs_fp32:.2f}x" if vs_fp32 else "",
             app,
         )
     console.print(table)

@@ -4,6 +4,10 @@ OpenVINO's CPU plugin runs an FP32 model in bfloat16 by default on CPUs with
 AVX512-BF16 or AMX. deploykit always sets ``INFERENCE_PRECISION_HINT`` so the
 precision is what the user asked for, and reads back from the compiled model's
 runtime graph the precision the convolutions really run in.
+
+INT8 comes either from deploykit's Q/DQ ONNX or, with ``--quantizer nncf``, from
+an IR quantized by NNCF (see `nncf_quantizer`); :meth:`OpenVinoBackend.compile`
+takes both, since ``read_model`` reads ONNX and IR alike.
 """
 
 from __future__ import annotations
@@ -72,11 +76,44 @@ class OpenVinoBackend(Backend):
             return None
 
     def capabilities(self) -> Capabilities:
+        from deploykit.backends.openvino.nncf_quantizer import nncf_available
+
         caps = set(_import_ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         precisions = tuple(p for p, (_, cap) in _HINTS.items() if cap in caps)
         return Capabilities(
-            precisions=precisions, devices=("cpu",), dynamic_shapes=True, int8_encoding="u8s8"
+            precisions=precisions,
+            devices=("cpu",),
+            dynamic_shapes=True,
+            int8_encoding="u8s8",
+            native_quantizer="nncf" if "int8" in precisions and nncf_available() else None,
         )
+
+    def quantize(
+        self,
+        onnx_path: Path,
+        calibration: np.ndarray,
+        out_dir: Path,
+        contract: InputContract,
+        options: dict[str, Any],
+    ) -> tuple[Path, dict[str, Any]]:
+        """Quantize with NNCF into ``model.int8.nncf.xml/.bin`` in `out_dir`.
+
+        Args:
+            onnx_path: The fused FP32 ONNX model.
+            calibration: Preprocessed NCHW calibration inputs (all of them are used).
+            out_dir: Run folder to write the IR into.
+            contract: The model's input contract.
+            options: ``method`` (minmax or percentile), ``percentile``, ``per_channel``.
+
+        Returns:
+            The INT8 IR's xml path and what NNCF did.
+
+        Raises:
+            UserError: NNCF is not installed, or an option it has no equivalent for.
+        """
+        from deploykit.backends.openvino.nncf_quantizer import NncfOptions, quantize_to_ir
+
+        return quantize_to_ir(onnx_path, calibration, out_dir, NncfOptions.from_dict(options))
 
     def compile(
         self,
@@ -87,14 +124,17 @@ class OpenVinoBackend(Backend):
         source: ModelSource | None = None,
     ) -> CompiledArtifact:
         if onnx_path is None:
-            raise UserError("the openvino target needs an ONNX model")
+            raise UserError("the openvino target needs an ONNX model or an OpenVINO IR")
         if options.device != "cpu":
             raise UserError(f"the openvino target runs on the cpu device, not {options.device!r}")
         ov = _import_ov()
         hint = self._hint(options.precision)
         folder = out_dir / "openvino"
         folder.mkdir(parents=True, exist_ok=True)
+        # ONNX (FP32 or Q/DQ) or an IR (NNCF's INT8): FakeQuantize nodes and int8 weights
+        # pass through save_model unchanged.
         model = ov.Core().read_model(str(onnx_path))
+        fake_quantize = sum(1 for op in model.get_ops() if op.get_type_name() == "FakeQuantize")
         tmp_xml = folder / ".model.tmp.xml"
         # Keep FP32 weights in the IR: save_model compresses to FP16 unless told not to.
         ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
@@ -122,6 +162,8 @@ class OpenVinoBackend(Backend):
                     "INFERENCE_PRECISION_HINT"
                 ).to_string(),
                 "num_streams": int(compiled.get_property("NUM_STREAMS")),
+                "input_format": "ir" if onnx_path.suffix == ".xml" else "onnx",
+                "fake_quantize_ops": fake_quantize,
             },
         )
 
