@@ -354,7 +354,7 @@ def _collect(prep: _Prepared, data: Dataset, options: CalibrationOptions) -> Cal
             calibrate_method=_ort_method(options.method),
             # Exactly what quantize_static passes (CalibPercentile); `symmetric` is left
             # at each calibrator's default — see the module docstring.
-            extra_options={"percentile": options.percentile},
+            extra_options={"percentile": options.percentile, **_method_options(options.method)},
         )
         calibrator.collect_data(Reader())
         tensors = calibrator.compute_data()
@@ -482,6 +482,16 @@ def _ort_method(method: str) -> Any:
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[method]
+
+
+# Entropy (KL) needs a histogram finer than the 128 quantized bins it searches over:
+# with onnxruntime's defaults (128 and 128) there is a single candidate threshold and
+# "entropy" silently equals minmax. 2048 bins is TensorRT's histogram size.
+ENTROPY_BINS = 2048
+
+
+def _method_options(method: str) -> dict[str, Any]:
+    return {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128} if method == "entropy" else {}
 
 
 def _op_types_to_quantize() -> list[str]:
