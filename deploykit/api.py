@@ -965,16 +965,23 @@ def evaluate(
     data: str,
     samples: int | None = None,
     save: bool = True,
+    against: str | Path | None = None,
     on_step: Step = _quiet,
 ) -> dict[str, Any]:
     """Evaluate a run folder's compiled artifact on a set, next to the FP32 reference.
+
+    With `against`, the reference is another run folder's artifact instead (e.g. the
+    OpenVINO INT8 model against the ONNX Runtime one built from the same statistics);
+    the labels, where the set has them, still score both.
 
     Args:
         run_dir: A run folder made by ``deploykit export``.
         data: A set name (``deploykit datasets``), a manifest, or an image folder with
             labels (sub-folder names or a labels file).
         samples: Inputs to use; None = the whole set.
-        save: Record the result in the run's report.json under ``accuracy``.
+        save: Record the result in the run's report.json under ``accuracy`` (not with
+            `against`).
+        against: Another run folder whose artifact is the reference.
 
     Returns:
         The evaluation (see :class:`deploykit.harness.evaluate.Evaluation`).
@@ -992,13 +999,25 @@ def evaluate(
     source = ModelSource.from_dict(report.model_source)
     on_step(f"loading {data}")
     dataset = load_eval_data(data, artifact.contract, samples)
-    module = load_torch(source) if source.is_torch else None
-    reference, label = _reference(module, folder / "model.onnx")
     batch = int(report.input.get("batch", 1))
     on_step(f"evaluating {dataset.inputs.shape[0]} inputs")
-    reference_outputs = run_batched(
-        reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
-    )
+    if against is not None:
+        other_dir = Path(against)
+        other = load_report(other_dir)
+        other_artifact = CompiledArtifact.load(other_dir / other.backend_folder())
+        with require_backend(other.target).runner(other_artifact) as other_runner:
+            reference_outputs = run_batched(
+                other_runner.infer, dataset.inputs, int(other.input.get("batch", 1))
+            )
+        reference: Callable[[np.ndarray], np.ndarray] = other_runner.infer
+        label = f"{other.target} {other.precision} ({other_dir})"
+        save = False
+    else:
+        module = load_torch(source) if source.is_torch else None
+        reference, label = _reference(module, folder / "model.onnx")
+        reference_outputs = run_batched(
+            reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
+        )
     with backend.runner(artifact) as runner:
         result = run_evaluation(
             runner.infer, reference, dataset, batch, label, reference_outputs=reference_outputs

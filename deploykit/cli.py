@@ -588,15 +588,36 @@ def regress(
 )
 @click.option("--samples", type=int, help="Inputs to use [default: the whole set].")
 @click.option("--no-save", is_flag=True, help="Do not record the result in report.json.")
+@click.option(
+    "--against",
+    type=click.Path(exists=True, file_okay=False),
+    help="Another run folder whose artifact is the reference instead of the FP32 model.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(run_dir: str, data: str, samples: int | None, no_save: bool, as_json: bool) -> None:
-    """Evaluate a run folder's compiled artifact on a set, next to the FP32 model."""
+def eval_(
+    run_dir: str,
+    data: str,
+    samples: int | None,
+    no_save: bool,
+    against: str | None,
+    as_json: bool,
+) -> None:
+    """Evaluate a run folder's compiled artifact on a set, next to the FP32 model.
+
+    With --against, compare it with another run's artifact (e.g. OpenVINO INT8 against
+    ONNX Runtime INT8 built from the same statistics).
+    """
     from deploykit import api
     from deploykit.harness.display import render_eval
 
     with _console(stderr=True).status(f"evaluating {run_dir}") as status:
         result = api.evaluate(
-            run_dir, data, samples=samples, save=not no_save, on_step=status.update
+            run_dir,
+            data,
+            samples=samples,
+            save=not no_save,
+            against=against,
+            on_step=status.update,
         )
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -202,6 +202,7 @@ def test_evaluation_reports_drop_and_agreement() -> None:
 
 
 @pytest.mark.onnxruntime
+@pytest.mark.openvino
 def test_eval_command_on_a_run_folder(tmp_path: Path, cli_env: dict[str, str]) -> None:
     import sys
 
@@ -229,5 +230,23 @@ def test_eval_command_on_a_run_folder(tmp_path: Path, cli_env: dict[str, str]) -
     assert evaluation["drop"] == 0.0
     saved = json.loads((run_dir / "report.json").read_text())
     assert saved["accuracy"]["imagenet-photos20"]["samples"] == 6
+    other = tmp_path / "other"
+    CliRunner().invoke(
+        main,
+        ["export", "tinynets:tiny_net", "-t", "openvino", "-o", str(other), "--runs", "5"]
+        + ["--warmup", "1", "--min-seconds", "0", "--fidelity-samples", "4", "--json"]
+        + ["--input-size", "64"],
+        catch_exceptions=False,
+    )
+    cross = CliRunner().invoke(
+        main,
+        ["eval", str(run_dir), "--data", "imagenet-photos20", "--samples", "6", "--json"]
+        + ["--against", str(other / "tiny_net" / "openvino-fp32")],
+        catch_exceptions=False,
+    )
+    assert cross.exit_code == 0, cross.output
+    versus = json.loads(cross.stdout)["evaluation"]
+    assert versus["reference"].startswith("openvino fp32") and versus["cosine_min"] > 0.9999
+    assert versus["top1_agreement"] == 100.0
     bad = CliRunner().invoke(main, ["eval", str(run_dir), "--data", "no-such-set"])
     assert bad.exit_code == 2 and "does not exist" in bad.output

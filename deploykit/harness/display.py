@@ -108,7 +108,8 @@ def accuracy_line(result: dict[str, Any]) -> str:
             f"{result['fp32_top5']:.2f}% · "
         )
     return text + (
-        f"agrees with fp32: top-1 {result['top1_agreement']:.1f}%, top-5 overlap "
+        f"agrees with {result.get('reference', 'fp32')}: top-1 {result['top1_agreement']:.1f}%, "
+        f"top-5 overlap "
         f"{result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
 
