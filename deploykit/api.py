@@ -679,19 +679,26 @@ def _calibrate_stage(
     Returns:
         The Q/DQ model, and the calibration data and options (for the fallback).
     """
-    from deploykit.harness.datasets import SYNTHETIC, load_dataset
     from deploykit.stages.calibrate import calibrate_onnx
 
-    assert request.calib is not None
     on_step(f"calibrating on {request.calib_samples} inputs ({request.calib_method})")
     started = time.perf_counter()
-    data = load_dataset(request.calib, contract, request.calib_samples, seed=request.seed)
-    if data.source == SYNTHETIC:
-        report.notes.append("INT8 calibrated on synthetic inputs: fidelity only, not accuracy")
+    data = _calibration_data(report, request, contract)
     qdq = work / "model.int8.qdq.onnx"
     calib_report = calibrate_onnx(fused, qdq, data, options)
     _stage(report, "calibrate", started, work, qdq, calib_report.to_dict())
     return qdq, (data, options)
+
+
+def _calibration_data(report: Report, request: ExportRequest, contract: InputContract) -> Any:
+    """Load the calibration set; a synthetic one is noted in the report."""
+    from deploykit.harness.datasets import SYNTHETIC, load_dataset
+
+    assert request.calib is not None
+    data = load_dataset(request.calib, contract, request.calib_samples, seed=request.seed)
+    if data.source == SYNTHETIC:
+        report.notes.append("INT8 calibrated on synthetic inputs: fidelity only, not accuracy")
+    return data
 
 
 def _native_quantize_stage(
@@ -704,14 +711,9 @@ def _native_quantize_stage(
     on_step: Step,
 ) -> Path:
     """Quantize with the backend's own quantizer (e.g. NNCF) and record the stage."""
-    from deploykit.harness.datasets import SYNTHETIC, load_dataset
-
-    assert request.calib is not None
     on_step(f"quantizing with {request.quantizer} on {request.calib_samples} inputs")
     started = time.perf_counter()
-    data = load_dataset(request.calib, contract, request.calib_samples, seed=request.seed)
-    if data.source == SYNTHETIC:
-        report.notes.append("INT8 calibrated on synthetic inputs: fidelity only, not accuracy")
+    data = _calibration_data(report, request, contract)
     options = {
         "method": request.calib_method,
         "percentile": request.calib_percentile,

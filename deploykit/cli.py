@@ -49,6 +49,14 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     return (dims[0], dims[-1])
 
 
+def _rows_out(rows: list[dict[str, Any]], as_json: bool, render: Any) -> None:
+    """Print listing rows as JSON or with their table renderer."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render(_console(), rows)
+
+
 def _calibration_options(func: Any) -> Any:
     """The INT8 calibration options shared by `export` and `calibrate`."""
     options = [
@@ -632,11 +640,7 @@ def datasets(as_json: bool) -> None:
     from deploykit import api
     from deploykit.harness.display import render_datasets
 
-    rows = api.list_datasets()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        render_datasets(_console(), rows)
+    _rows_out(api.list_datasets(), as_json, render_datasets)
 
 
 @main.command()
@@ -646,11 +650,7 @@ def models(as_json: bool) -> None:
     from deploykit import api
     from deploykit.harness.display import render_models
 
-    rows = [spec.to_dict() for spec in api.list_catalogue()]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        render_models(_console(), rows)
+    _rows_out([spec.to_dict() for spec in api.list_catalogue()], as_json, render_models)
 
 
 @main.command()
@@ -660,11 +660,7 @@ def backends(as_json: bool) -> None:
     from deploykit import api
     from deploykit.harness.display import render_backends
 
-    rows = api.list_backends()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        render_backends(_console(), rows)
+    _rows_out(api.list_backends(), as_json, render_backends)
 
 
 if __name__ == "__main__":  # pragma: no cover

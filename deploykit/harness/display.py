@@ -99,18 +99,19 @@ def render_report(console: Console, report: Report, run_dir: str) -> None:
 
 
 def accuracy_line(result: dict[str, Any]) -> str:
-    """One evaluation as text: accuracy against labels and agreement with FP32."""
+    """One evaluation as text: accuracy against labels and agreement with the reference."""
+    reference = str(result.get("reference", "fp32"))
+    ref = "fp32" if "fp32" in reference else "reference"
     text = f"{result['dataset']} ({result['samples']}): "
     if result.get("top1") is not None:
         text += (
-            f"top-1 {result['top1']:.2f}% vs fp32 {result['fp32_top1']:.2f}% "
+            f"top-1 {result['top1']:.2f}% vs {ref} {result['fp32_top1']:.2f}% "
             f"(drop {result['drop']:+.2f} pt) · top-5 {result['top5']:.2f}% vs "
             f"{result['fp32_top5']:.2f}% · "
         )
     return text + (
-        f"agrees with {result.get('reference', 'fp32')}: top-1 {result['top1_agreement']:.1f}%, "
-        f"top-5 overlap "
-        f"{result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
+        f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%, "
+        f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
 
 
