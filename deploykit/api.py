@@ -939,7 +939,7 @@ def _fallback_stage(
     fused, qdq = work / "model.fused.onnx", work / "model.int8.qdq.onnx"
     started = time.perf_counter()
     on_step("ranking layers by INT8 sensitivity")
-    ranking = rank_layers(fused, qdq, data.inputs[: max(16, min(64, data.inputs.shape[0]))], 1)
+    ranking = rank_layers(fused, qdq, data.inputs[:64], 1)
     limit = request.max_fallback_layers or max(4, len(ranking) // 4)
     built: list[Any] = []
 
@@ -1011,7 +1011,6 @@ def evaluate(
             reference_outputs = run_batched(
                 other_runner.infer, dataset.inputs, int(other.input.get("batch", 1))
             )
-        reference: Callable[[np.ndarray], np.ndarray] = other_runner.infer
         label = f"{other.target} {other.precision} ({other_dir})"
         save = False
     else:
@@ -1021,9 +1020,7 @@ def evaluate(
             reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
         )
     with backend.runner(artifact) as runner:
-        result = run_evaluation(
-            runner.infer, reference, dataset, batch, label, reference_outputs=reference_outputs
-        )
+        result = run_evaluation(runner.infer, dataset, batch, reference_outputs, label)
     if save:
         report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
         report.save(folder)

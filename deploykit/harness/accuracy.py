@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.harness.datasets import Dataset, load_eval_data
-from deploykit.harness.evaluate import evaluate_outputs, run_batched
+from deploykit.harness.evaluate import evaluate, run_batched
 from deploykit.harness.report import Gate
 from deploykit.models.contract import InputContract
 
@@ -56,15 +56,9 @@ class AccuracyCheck:
 
     def evaluate(self, infer: Infer) -> dict[str, dict[str, Any]]:
         """Evaluate a candidate on every set; the results also become :attr:`results`."""
-        import time
-
         results = {}
         for data, reference in self.sets:
-            started = time.perf_counter()
-            outputs = run_batched(infer, data.inputs, self.batch)
-            evaluation = evaluate_outputs(
-                outputs, reference, data, self.reference_label, time.perf_counter() - started
-            )
+            evaluation = evaluate(infer, data, self.batch, reference, self.reference_label)
             results[evaluation.dataset] = evaluation.to_dict()
         self.results = results
         return results

@@ -138,26 +138,23 @@ def evaluate_outputs(
 
 def evaluate(
     infer: Infer,
-    reference: Infer,
     data: Dataset,
     batch: int,
+    reference_outputs: np.ndarray,
     reference_label: str,
-    reference_outputs: np.ndarray | None = None,
 ) -> Evaluation:
-    """Run the artifact and the FP32 reference on `data` and score both.
+    """Run the artifact on `data` and score it against the reference's outputs and the labels.
 
     Args:
         infer: The artifact's runner (``Runner.infer``).
-        reference: The FP32 reference.
         data: The set.
         batch: Batch the artifact takes.
+        reference_outputs: The reference's outputs on ``data.inputs`` (computed once by
+            the caller: the accuracy gate scores several candidates against them).
         reference_label: What the reference is, for the report.
-        reference_outputs: FP32 outputs computed before (skips running the reference).
     """
     started = time.perf_counter()
     outputs = run_batched(infer, data.inputs, batch)
-    if reference_outputs is None:
-        reference_outputs = run_batched(reference, data.inputs, batch)
     return evaluate_outputs(
         outputs, reference_outputs, data, reference_label, time.perf_counter() - started
     )

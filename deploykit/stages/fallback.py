@@ -137,10 +137,7 @@ def rank_layers(fused: Path, qdq: Path, inputs: np.ndarray, batch: int) -> list[
         if (fp_name in fp_tensors or fp_name in graph_inputs) and dqs:
             pairs[fp_name] = (dqs[0].output[0], name)
     q_names = sorted({dq for dq, _ in pairs.values()})
-    inner = sorted(name for name in pairs if name not in graph_inputs)
-    fp_out = _run_exposing(fp_model, inner, inputs, batch)
-    usable = inputs.shape[0] - inputs.shape[0] % batch or inputs.shape[0]
-    fp_out.update({name: inputs[:usable] for name in pairs if name in graph_inputs})
+    fp_out = _run_exposing(fp_model, sorted(pairs), inputs, batch)
     q_out = _run_exposing(q_model, q_names, inputs, batch)
     # The model input is quantized too: its SQNR is the first layer's upstream.
     sqnr = {fp: _sqnr_db(fp_out[fp], q_out[dq]) for fp, (dq, _) in pairs.items()}
@@ -243,10 +240,16 @@ def run_fallback(
 def _run_exposing(
     model: Any, names: list[str], inputs: np.ndarray, batch: int
 ) -> dict[str, np.ndarray]:
-    """Run `model` with the named tensors added as outputs; concatenate over batches."""
+    """Run `model` with the named tensors added as outputs; concatenate over batches.
+
+    A graph input among `names` is returned as fed (it cannot be a graph output).
+    """
     import onnx
     import onnxruntime as ort
 
+    usable = inputs.shape[0] - inputs.shape[0] % batch or inputs.shape[0]
+    fed = {i.name for i in model.graph.input} & set(names)
+    names = [name for name in names if name not in fed]
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     existing = {o.name for o in augmented.graph.output}
@@ -261,12 +264,13 @@ def _run_exposing(
     )
     input_name = session.get_inputs()[0].name
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    usable = inputs.shape[0] - inputs.shape[0] % batch or inputs.shape[0]
-    for start in range(0, usable, batch):
+    for start in range(0, usable if names else 0, batch):
         outs = session.run(names, {input_name: inputs[start : start + batch]})
         for name, value in zip(names, outs, strict=True):
             collected[name].append(np.asarray(value, dtype=np.float32))
-    return {name: np.concatenate(values) for name, values in collected.items()}
+    result = {name: np.concatenate(values) for name, values in collected.items() if values}
+    result.update({name: inputs[:usable] for name in fed})
+    return result
 
 
 def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
