@@ -939,7 +939,9 @@ def _fallback_stage(
     fused, qdq = work / "model.fused.onnx", work / "model.int8.qdq.onnx"
     started = time.perf_counter()
     on_step("ranking layers by INT8 sensitivity")
-    ranking = rank_layers(fused, qdq, data.inputs[:64], 1)
+    # The fused graph has the export batch (1 when the batch is dynamic).
+    graph_batch = 1 if request.batch_range() else request.measure_batch()
+    ranking = rank_layers(fused, qdq, data.inputs[:64], graph_batch)
     limit = request.max_fallback_layers or max(4, len(ranking) // 4)
     built: list[Any] = []
 

@@ -52,8 +52,12 @@ def _eval_set(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("target", [pytest.param("onnxruntime"), pytest.param("openvino")])
-def test_fallback_recovers_accuracy_on_a_sensitive_model(tmp_path: Path, target: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "batch"), [("onnxruntime", 1), ("openvino", 1), ("onnxruntime", 2)]
+)
+def test_fallback_recovers_accuracy_on_a_sensitive_model(
+    tmp_path: Path, target: str, batch: int
+) -> None:
     if target == "openvino":
         pytest.importorskip("openvino")
     eval_path = _eval_set(tmp_path)
@@ -62,6 +66,7 @@ def test_fallback_recovers_accuracy_on_a_sensitive_model(tmp_path: Path, target:
         target=target,
         precision="int8",
         input_size=(32, 32),
+        batch=batch,
         calib="synthetic",
         calib_samples=32,
         eval_data=[str(eval_path)],
