@@ -244,6 +244,11 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
             )
     if request.max_accuracy_drop < 0:
         raise UserError(f"--max-accuracy-drop must be >= 0, got {request.max_accuracy_drop}")
+    if request.max_fallback_layers is not None and request.max_fallback_layers < 1:
+        raise UserError(
+            f"--max-fallback-layers must be at least 1, got {request.max_fallback_layers}; "
+            "use --no-fallback to turn the fallback off"
+        )
     eval_sets = _eval_sets(request, pretrained)
     rng = request.batch_range()
     batch = request.measure_batch()
@@ -913,7 +918,16 @@ def _accuracy_stage(
         and request.fallback
     ):
         artifact = _fallback_stage(
-            report, work, backend, compile_model, check, drop, request, calibrated, on_step
+            report,
+            work,
+            backend,
+            artifact,
+            compile_model,
+            check,
+            drop,
+            request,
+            calibrated,
+            on_step,
         )
         report.accuracy = check.results
     report.gates.extend(check.gates())
@@ -924,6 +938,7 @@ def _fallback_stage(
     report: Report,
     work: Path,
     backend: Any,
+    artifact: Any,
     compile_model: Callable[[Path | None], Any],
     check: Any,
     drop: float,
@@ -931,7 +946,11 @@ def _fallback_stage(
     calibrated: tuple[Any, Any],
     on_step: Step,
 ) -> Any:
-    """Keep the most sensitive layers in float, one step at a time, until the budget holds."""
+    """Keep the most sensitive layers in float, one step at a time, until the budget holds.
+
+    Returns:
+        The last artifact tried, or `artifact` when no step could be tried.
+    """
     from deploykit.stages.calibrate import calibrate_onnx
     from deploykit.stages.fallback import rank_layers, run_fallback
 
@@ -961,7 +980,7 @@ def _fallback_stage(
             f"accuracy fallback kept {len(result.excluded)} layer(s) in float and still missed "
             f"the {request.max_accuracy_drop:g} pt budget"
         )
-    return built[-1]
+    return built[-1] if built else artifact
 
 
 def evaluate(

@@ -262,3 +262,16 @@ def test_real_process_exit_code_and_one_line(cli_env: dict[str, str], tmp_path: 
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown model")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        (["--max-fallback-layers", "0"], "--max-fallback-layers must be at least 1"),
+        (["--max-accuracy-drop", "-1"], "--max-accuracy-drop must be >= 0"),
+        (["--quantizer", "nope"], "no 'nope' quantizer"),
+    ],
+)
+def test_bad_int8_accuracy_options(option: list[str], match: str, tmp_path: Path) -> None:
+    args = ["export", "resnet18", "-t", "onnxruntime", "-p", "int8", "--calib", "synthetic"]
+    _fails([*args, *option, "-o", str(tmp_path)], tmp_path, match)
