@@ -663,5 +663,9 @@ def backends(as_json: bool) -> None:
     _rows_out(api.list_backends(), as_json, render_backends)
 
 
+# Commands defined in their own modules (each keeps heavy imports inside its functions).
+# -- registered commands --
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
