@@ -69,6 +69,8 @@ class ExportRequest:
         calib_cache: Reuse cached calibration statistics (``--no-calib-cache`` recomputes).
         quantizer: ``deploykit`` (one Q/DQ ONNX for every backend) or the backend's own
             (``nncf`` for OpenVINO).
+        int8_encoding: Q/DQ activation encoding (s8s8, u8s8, mixed); None = the target's
+            own (`Capabilities.int8_encoding`).
         eval_data: Evaluation sets (names, manifests or labelled folders); None = the
             model's own sets when it has real weights, none otherwise.
         eval_samples: Inputs per evaluation set; None = the whole set.
@@ -76,6 +78,11 @@ class ExportRequest:
         fallback: When INT8 misses the budget, keep the most sensitive layers in float.
         max_fallback_layers: Most layers the fallback may keep in float; None = a quarter
             of the quantized layers (at least 4).
+        bn_recalibrate: Re-estimate a random-weight model's BatchNorm statistics on
+            calibration images before export (``deploykit.stages.bnrecal``; ONNX targets
+            only: the torch target rebuilds the model as built). Off by default: deep
+            random-weight nets with realistic activations amplify INT8 rounding noise
+            (see docs/coverage.md), so only `deploykit coverage` turns it on.
     """
 
     model: str
@@ -103,12 +110,16 @@ class ExportRequest:
     bias_correction: bool | None = None
     calib_cache: bool = True
     quantizer: str = "deploykit"
+    int8_encoding: str | None = None
     eval_data: list[str] | None = None
     eval_samples: int | None = None
     max_accuracy_drop: float = 1.0
     fallback: bool = True
     max_fallback_layers: int | None = None
+    bn_recalibrate: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Stop before the backend build: write what it would build from and print its plan.
+    dry_run: bool = False
 
     def batch_range(self) -> BatchRange | None:
         """The parsed dynamic batch range, or None."""
@@ -129,6 +140,11 @@ class ExportRequest:
                 raise UserError(f"--batch {self.batch} is outside --dynamic-batch {rng}")
             return self.batch
         return rng.opt if rng is not None else 1
+
+
+def default_precision(target: str) -> str:
+    """The precision `export` uses when none is given: FP16 engines for TensorRT, else FP32."""
+    return "fp16" if target in ("tensorrt", "trt") else "fp32"
 
 
 def list_catalogue() -> list[ModelSpec]:
@@ -200,16 +216,24 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
     from deploykit.stages.export import ExportOptions, OnnxArtifact, export_onnx
     from deploykit.stages.fuse import fuse_onnx
 
-    backend = require_backend(request.target)
+    backend = get_backend(request.target) if request.dry_run else require_backend(request.target)
     caps = backend.capabilities()
+    if request.device == "cpu" and "cpu" not in caps.devices:
+        request = dataclasses.replace(request, device=caps.devices[0])  # GPU-only targets
     if request.precision not in caps.precisions:
         raise UserError(
             f"target {backend.name} cannot run {request.precision} here; "
             f"choose --precision {' or '.join(caps.precisions) or '(none)'}"
         )
     if request.device not in caps.devices:
+        why = ""
+        if request.device == "cuda":
+            from deploykit.harness.gpu import gpu_unavailable_reason
+
+            why = f": {gpu_unavailable_reason() or 'its CUDA runtime is not installed'}"
         raise UserError(
-            f"target {backend.name} has no {request.device} device here ({', '.join(caps.devices)})"
+            f"target {backend.name} has no {request.device} device here "
+            f"({', '.join(caps.devices)}){why}"
         )
     if request.precision not in PRECISION_TOLERANCE:
         raise UserError(f"precision {request.precision} is not supported yet")
@@ -229,7 +253,7 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
         calib_options = CalibrationOptions(
             method=request.calib_method,
             percentile=request.calib_percentile,
-            encoding=caps.int8_encoding or "s8s8",
+            encoding=request.int8_encoding or caps.int8_encoding or "s8s8",
             per_channel=request.per_channel,
             bias_correction=request.bias_correction,
             use_cache=request.calib_cache,
@@ -264,11 +288,13 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
     if source.is_torch:
         options.order()  # validate opset/exporter before any work
     final = Path(request.out) / source.name / f"{backend.name}-{request.precision}"
+    if request.dry_run:  # never replaces a built run folder
+        final = final.with_name(final.name + ".dry-run")
     report = Report(
         model=source.name,
         model_source=source.to_dict(),
         target=backend.name,
-        device=cpu_info() if request.device == "cpu" else {"kind": request.device},
+        device=cpu_info() if request.device == "cpu" else _gpu_device(request.device),
         precision=request.precision,
         weights="random" if source.random_weights else (source.weights_sha256 or "in-file"),
         notes=[RANDOM_WEIGHTS_NOTE] if source.random_weights else [],
@@ -283,6 +309,7 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
             if source.is_torch:
                 on_step("loading the PyTorch model")
                 module = load_torch(source)
+                _bn_recalibration_stage(report, work, module, source, contract, request, caps)
             onnx_fused: OnnxArtifact | None = None
             if caps.needs_onnx:
                 started = time.perf_counter()
@@ -327,8 +354,13 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
                 threads=threads,
                 batch=batch,
                 dynamic_batch=rng,
-                extra=dict(request.extra),
+                extra=_backend_extra(request, backend.name, final),
             )
+            if request.dry_run:
+                _plan_stage(
+                    report, work, backend, compile_input, contract, compile_options, on_step
+                )
+                raise _DryRunDone
 
             def compile_model(path: Path | None) -> Any:
                 built = backend.compile(path, work, contract, compile_options, source=source)
@@ -408,6 +440,8 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
         except GateError as exc:
             report.status = f"failed: {exc}"
             failure = exc
+        except _DryRunDone:
+            report.status = "dry-run"
         write_text_atomic(work / "recipe.resolved.yaml", _recipe_yaml(request, batch, threads))
         report.artifacts = _hash_artifacts(work)
         report.save(work)
@@ -460,7 +494,7 @@ def bench(
         "target": report.target,
         "precision": report.precision,
         "effective_precision": report.effective_precision,
-        "device": cpu_info(),
+        "device": cpu_info() if report.device.get("kind", "cpu") == "cpu" else _gpu_device("cuda"),
         "versions": versions(),
         "latency": {
             "p50_ms": lat.p50_ms,
@@ -617,8 +651,9 @@ def calibrate(
 ) -> dict[str, Any]:
     """Export, fuse and calibrate `model` into ``<out>/model.int8.qdq.onnx`` (no backend).
 
-    The default encoding is the portable symmetric one (s8s8: zero points 0), which
-    TensorRT's strongly typed builder requires; u8s8 is what the x86 CPU runtimes run fastest.
+    The default encoding is the portable symmetric one (s8s8: zero points 0, float
+    biases), which TensorRT's strongly typed builder requires, checked against TensorRT's
+    Q/DQ rules; u8s8 is what ONNX Runtime runs fastest on x86, mixed what OpenVINO does.
 
     Returns:
         What was written, with the calibration details (also in ``calibration.json``).
@@ -654,7 +689,19 @@ def calibrate(
         on_step("fusing the graph")
         fused, _ = fuse_onnx(onnx_src, work / "model.fused.onnx", contract, [1])
         on_step(f"calibrating on {samples} inputs ({method})")
-        calib_report = calibrate_onnx(fused.path, work / "model.int8.qdq.onnx", data, options)
+        qdq_path = work / "model.int8.qdq.onnx"
+        calib_report = calibrate_onnx(fused.path, qdq_path, data, options)
+        tensorrt = None
+        if encoding == "s8s8":
+            # The portable file: float biases (TensorRT's DequantizeLinear reads INT8 only)
+            # and TensorRT's explicit-quantization rules checked before it travels.
+            from deploykit.backends.tensorrt.qdq import check_qdq, fold_bias_dequantize
+
+            folded = fold_bias_dequantize(qdq_path, qdq_path)
+            tensorrt = {
+                "bias_dequantize_folded": folded,
+                "qdq_check": check_qdq(qdq_path).to_dict(),
+            }
         result = {
             "schema_version": 1,
             "kind": "calibration",
@@ -662,12 +709,43 @@ def calibrate(
             "model_source": source.to_dict(),
             "input": contract.to_dict(),
             "calibration": calib_report.to_dict(),
+            "tensorrt": tensorrt,
             "versions": versions(),
             "artifacts": _hash_artifacts(work),
         }
         write_text_atomic(work / "calibration.json", json.dumps(result, indent=2) + "\n")
     result["out"] = str(final)
     return result
+
+
+def _bn_recalibration_stage(
+    report: Report,
+    work: Path,
+    module: Any,
+    source: Any,
+    contract: InputContract,
+    request: ExportRequest,
+    caps: Any,
+) -> None:
+    """Re-estimate a random-weight model's BatchNorm statistics and record it in `weights`."""
+    from deploykit.stages.bnrecal import recalibrate_model
+
+    wanted = request.bn_recalibrate
+    if wanted and not source.random_weights:
+        raise UserError("bn_recalibrate applies to random-weight models only; drop it")
+    if not wanted:
+        return
+    if not caps.needs_onnx:
+        if wanted:
+            report.notes.append(
+                "BatchNorm statistics not re-estimated: the torch target rebuilds the model "
+                "from its source"
+            )
+        return
+    started = time.perf_counter()
+    recal = recalibrate_model(module, source.ref, contract, seed=request.seed)
+    report.weights = recal.weights_label
+    _stage(report, "bn-recalibration", started, work, None, recal.to_dict())
 
 
 def _calibrate_stage(
@@ -1014,6 +1092,7 @@ def evaluate(
     from deploykit.harness.evaluate import evaluate as run_evaluation
     from deploykit.harness.evaluate import run_batched
     from deploykit.models.loaders import ModelSource
+    from deploykit.stages import bnrecal
 
     folder = Path(run_dir)
     report = load_report(folder)
@@ -1036,6 +1115,9 @@ def evaluate(
         save = False
     else:
         module = load_torch(source) if source.is_torch else None
+        if module is not None and report.weights == bnrecal.WEIGHTS_LABEL:
+            # The run exported the re-estimated model: rebuild the same reference.
+            bnrecal.recalibrate_model(module, source.ref, artifact.contract, seed=source.seed)
         reference, label = _reference(module, folder / "model.onnx")
         reference_outputs = run_batched(
             reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
@@ -1091,7 +1173,63 @@ def _latency(
         min_seconds=request.min_seconds,
         max_seconds=max(60.0, request.min_seconds),
     )
+    if getattr(runner, "device", "cpu") == "cuda" and hasattr(runner, "enqueue"):
+        from deploykit.harness.gpu import latency_stats
+
+        return latency_stats(
+            runner,  # type: ignore[arg-type]  # a CUDA runner: has stream and enqueue
+            synthetic_images(contract, batch, seed=99),
+            request.runs,
+            request.warmup,
+        )
     return measure(runner.run_prepared, batch=batch, threads=threads, options=options)
+
+
+class _DryRunDone(Exception):
+    """Ends a ``--dry-run`` export after the plan stage (the run folder is still written)."""
+
+
+def _gpu_device(device: str) -> dict[str, Any]:
+    """The report's ``device`` for a CUDA run: the GPU's name, capability and clocks."""
+    from deploykit.harness.gpu import gpu_info, gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    return {"kind": device, "note": reason} if reason else gpu_info()
+
+
+def _backend_extra(request: ExportRequest, backend: str, final: Path) -> dict[str, Any]:
+    """Backend options; TensorRT reuses the timing cache of the previous build of this run."""
+    extra = dict(request.extra)
+    previous = final.with_name(final.name.removesuffix(".dry-run")) / "tensorrt" / "timing.cache"
+    if backend == "tensorrt" and not extra.get("timing_cache") and previous.is_file():
+        extra["timing_cache"] = str(previous)
+    return extra
+
+
+def _plan_stage(
+    report: Report,
+    work: Path,
+    backend: Any,
+    compile_input: Path | None,
+    contract: InputContract,
+    options: CompileOptions,
+    on_step: Step,
+) -> None:
+    """Record what the backend would build (``--dry-run``); TensorRT writes its build ONNX."""
+    on_step(f"planning the {backend.display_name} build")
+    started = time.perf_counter()
+    availability = backend.is_available()
+    plan = backend.plan(compile_input, work, contract, options)
+    report.backend = {
+        "name": backend.name,
+        "version": backend.version(),
+        "dry_run": True,
+        "available": availability.ok,
+        "reason": "" if availability.ok else availability.message(),
+        "plan": plan,
+    }
+    onnx = Path(work, plan["onnx"]) if plan.get("onnx") else None  # relative to the run folder
+    _stage(report, "plan", started, work, onnx, {"backend": backend.name})
 
 
 def _hash_artifacts(work: Path) -> dict[str, str]:
@@ -1103,12 +1241,42 @@ def _hash_artifacts(work: Path) -> dict[str, str]:
 
 
 def _recipe_yaml(request: ExportRequest, batch: int, threads: int) -> str:
-    import yaml
+    # The resolved recipe (deploykit.recipes): `deploykit run` replays it.
+    from deploykit.recipes.resolve import request_yaml
 
-    data = asdict(request)
-    data["input_size"] = list(request.input_size) if request.input_size else None
-    data["batch"] = batch
-    data["threads"] = threads
-    return "# Options that produced this run (deploykit export).\n" + yaml.safe_dump(
-        data, sort_keys=False
-    )
+    return request_yaml(request, batch, threads)
+
+
+def package(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    options: Any = None,
+    on_step: Step = _quiet,
+) -> dict[str, Any]:
+    """Package a run folder into a verifiable edge bundle (see :mod:`deploykit.package.build`).
+
+    Args:
+        run_dir: A run folder written by `export`.
+        out: The ``.dkb`` file to write.
+        options: :class:`deploykit.package.formats.PackageOptions` (format, labels, ...).
+        on_step: Progress callback.
+    """
+    from deploykit.package.build import package as build_package
+
+    return build_package(run_dir, out, options, on_step)
+
+
+def verify_bundle(
+    bundle: str | Path, extract_to: str | Path | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Verify a bundle here: hashes, manifest, compatibility, smoke and reference inference."""
+    from deploykit.package.verify import verify
+
+    return verify(bundle, extract_to=extract_to, threads=threads)
+
+
+def inspect_bundle(bundle: str | Path) -> dict[str, Any]:
+    """What a bundle holds (hashes and manifest checked, nothing run)."""
+    from deploykit.package.verify import inspect
+
+    return inspect(bundle)

@@ -102,7 +102,9 @@ def main() -> None:
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="torch, onnxruntime, openvino or tensorrt.")
 @click.option(
-    "--precision", "-p", default="fp32", show_default=True, help="fp32, fp16, bf16 or int8."
+    "--precision",
+    "-p",
+    help="fp32, fp16, bf16 or int8 [default: fp16 for tensorrt, fp32 otherwise].",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
@@ -146,6 +148,17 @@ def main() -> None:
     "(nncf for openvino).",
 )
 @click.option(
+    "--bn-recalibrate",
+    is_flag=True,
+    help="Random weights: re-estimate BatchNorm statistics on calibration images first.",
+)
+@click.option(
+    "--int8-encoding",
+    type=click.Choice(["s8s8", "u8s8", "mixed"]),
+    help="Q/DQ activation encoding [default: the target's fastest: u8s8 for onnxruntime, "
+    "mixed for openvino, s8s8 for tensorrt].",
+)
+@click.option(
     "--eval-data",
     multiple=True,
     help="Evaluation set (repeatable): a set name, manifest, or labelled image folder "
@@ -170,11 +183,38 @@ def main() -> None:
     type=int,
     help="Most ranked activations whose layers the fallback may keep in float.",
 )
+@click.option(
+    "--compile", "torch_compile", is_flag=True, help="torch target: run under torch.compile."
+)
+@click.option(
+    "--ort-tensorrt",
+    is_flag=True,
+    help="onnxruntime --device cuda: TensorRT execution provider first, CUDA for the rest.",
+)
+@click.option(
+    "--workspace", help="TensorRT workspace limit, e.g. 512M or 4G [default: TensorRT's]."
+)
+@click.option(
+    "--builder-opt-level",
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimisation level 0-5 [default: 3].",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False),
+    help="TensorRT timing cache to start from [default: the previous build's in the run folder].",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Export, fuse (and calibrate), write the ONNX the backend would build from, print the "
+    "build plan, and stop (folder <target>-<precision>.dry-run).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(
     model: str,
     target: str,
-    precision: str,
+    precision: str | None,
     device: str,
     weights: str | None,
     input_size: str | None,
@@ -197,12 +237,20 @@ def export(
     bias_correction: bool | None,
     no_calib_cache: bool,
     quantizer: str,
+    bn_recalibrate: bool,
+    int8_encoding: str | None,
     eval_data: tuple[str, ...],
     no_eval: bool,
     eval_samples: int | None,
     max_accuracy_drop: float,
     no_fallback: bool,
     max_fallback_layers: int | None,
+    torch_compile: bool,
+    ort_tensorrt: bool,
+    workspace: str | None,
+    builder_opt_level: int | None,
+    timing_cache: str | None,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Export MODEL, fuse, compile for --target, and measure latency and fidelity.
@@ -216,7 +264,7 @@ def export(
     request = api.ExportRequest(
         model=model,
         target=target,
-        precision=precision,
+        precision=precision or api.default_precision(target),
         device=device,
         weights=weights,
         seed=seed,
@@ -239,11 +287,25 @@ def export(
         bias_correction=bias_correction,
         calib_cache=not no_calib_cache,
         quantizer=quantizer,
+        bn_recalibrate=bn_recalibrate,
+        int8_encoding=int8_encoding,
         eval_data=[] if no_eval else (list(eval_data) or None),
         eval_samples=eval_samples,
         max_accuracy_drop=max_accuracy_drop,
         fallback=not no_fallback,
         max_fallback_layers=max_fallback_layers,
+        extra={
+            key: value
+            for key, value in (
+                ("compile", torch_compile or None),
+                ("ort_tensorrt", ort_tensorrt or None),
+                ("workspace", workspace),
+                ("builder_opt_level", builder_opt_level),
+                ("timing_cache", timing_cache),
+            )
+            if value is not None
+        },
+        dry_run=dry_run,
     )
     err = _console(stderr=True)
     with err.status(f"{model} → {target}") as status:
@@ -252,6 +314,13 @@ def export(
         )
     if as_json:
         click.echo(json.dumps(result.report.model_dump(mode="json"), indent=2))
+    elif dry_run:
+        backend = result.report.backend
+        click.echo(f"dry run: {backend.get('name')} build plan ({result.run_dir})")
+        for line in backend.get("plan", {}).get("summary", []):
+            click.echo(f"  {line}")
+        if backend.get("reason"):
+            click.echo(f"  not buildable here: {backend['reason']}")
     else:
         render_report(_console(), result.report, str(result.run_dir))
 
@@ -263,10 +332,10 @@ def export(
 @_calibration_options
 @click.option(
     "--encoding",
-    type=click.Choice(["s8s8", "u8s8"]),
+    type=click.Choice(["s8s8", "u8s8", "mixed"]),
     default="s8s8",
     show_default=True,
-    help="s8s8: portable, symmetric (TensorRT); u8s8: fastest on x86 CPU runtimes.",
+    help="s8s8: portable, symmetric (TensorRT); u8s8: ONNX Runtime on x86; mixed: OpenVINO.",
 )
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict file.")
 @click.option("--input-size", help="Override the input size: H or HxW.")
@@ -665,6 +734,22 @@ def backends(as_json: bool) -> None:
 
 # Commands defined in their own modules (each keeps heavy imports inside its functions).
 # -- registered commands --
+from deploykit.cli_coverage import coverage as _coverage_command  # noqa: E402
+from deploykit.cli_package import inspect as _inspect_command  # noqa: E402
+from deploykit.cli_package import package as _package_command  # noqa: E402
+from deploykit.cli_package import verify as _verify_command  # noqa: E402
+from deploykit.cli_recipes import run as _run_command  # noqa: E402
+from deploykit.cli_recipes import sweep as _sweep_command  # noqa: E402
+
+for _command in (
+    _coverage_command,
+    _run_command,
+    _sweep_command,
+    _package_command,
+    _verify_command,
+    _inspect_command,
+):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -203,7 +203,10 @@ def test_evaluation_reports_drop_and_agreement() -> None:
 
 @pytest.mark.onnxruntime
 @pytest.mark.openvino
-def test_eval_command_on_a_run_folder(tmp_path: Path, cli_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("recalibrated", [False, True], ids=["as-built", "bn-recalibrated"])
+def test_eval_command_on_a_run_folder(
+    tmp_path: Path, cli_env: dict[str, str], recalibrated: bool
+) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -211,11 +214,14 @@ def test_eval_command_on_a_run_folder(tmp_path: Path, cli_env: dict[str, str]) -
         main,
         ["export", "tinynets:tiny_net", "-t", "onnxruntime", "-o", str(tmp_path), "--runs", "5"]
         + ["--warmup", "1", "--min-seconds", "0", "--fidelity-samples", "4", "--json"]
-        + ["--input-size", "64"],
+        + ["--input-size", "64"]
+        + (["--bn-recalibrate"] if recalibrated else []),
         catch_exceptions=False,
     )
     assert run.exit_code == 0, run.output
     report = json.loads(run.stdout)
+    # The reference `eval` rebuilds must be the model that was exported.
+    assert report["weights"] == ("random, bn-recalibrated" if recalibrated else "random")
     assert report["accuracy"] is None  # random weights: no real-data evaluation by default
     run_dir = tmp_path / "tiny_net" / "onnxruntime-fp32"
     result = CliRunner().invoke(
@@ -235,7 +241,8 @@ def test_eval_command_on_a_run_folder(tmp_path: Path, cli_env: dict[str, str]) -
         main,
         ["export", "tinynets:tiny_net", "-t", "openvino", "-o", str(other), "--runs", "5"]
         + ["--warmup", "1", "--min-seconds", "0", "--fidelity-samples", "4", "--json"]
-        + ["--input-size", "64"],
+        + ["--input-size", "64"]
+        + (["--bn-recalibrate"] if recalibrated else []),
         catch_exceptions=False,
     )
     cross = CliRunner().invoke(

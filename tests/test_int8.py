@@ -43,7 +43,7 @@ def _images(folder: Path, per_class: int = 6) -> Path:
 def qdq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qdq")
     out = {}
-    for encoding in ("s8s8", "u8s8"):
+    for encoding in ("s8s8", "u8s8", "mixed"):
         result = api.calibrate(
             "squeezenet1_1",
             "synthetic",
@@ -60,7 +60,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("encoding", ["s8s8", "u8s8"])
+@pytest.mark.parametrize("encoding", ["s8s8", "u8s8", "mixed"])
 def test_every_conv_weight_is_quantized_per_channel(qdq: dict[str, Path], encoding: str) -> None:
     model = onnx.load(str(qdq[encoding]))
     inits = _initializers(model)
@@ -86,6 +86,53 @@ def test_portable_encoding_is_symmetric_and_cpu_encoding_is_u8(qdq: dict[str, Pa
             assert all(not np.any(z) for z in zero_points)  # TensorRT needs zero point 0
 
 
+def test_portable_file_passes_tensorrt_qdq_rules_with_float_biases(qdq: dict[str, Path]) -> None:
+    from deploykit.backends.tensorrt.qdq import check_qdq
+
+    report = check_qdq(qdq["s8s8"])
+    assert report.ok, report.errors
+    assert report.int8_layers == 26, report.float_layers
+    model = onnx.load(str(qdq["s8s8"]))
+    inits = _initializers(model)
+    dq_inputs = [inits.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(x is None or x.dtype == np.int8 for x in dq_inputs)  # no INT32 bias DQ
+    calibration = json.loads((qdq["s8s8"].parent / "calibration.json").read_text())
+    assert calibration["tensorrt"]["qdq_check"]["ok"]
+
+
+def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
+    qdq: dict[str, Path],
+) -> None:
+    from deploykit.stages.calibrate import MIXED_OPS
+
+    model = onnx.load(str(qdq["mixed"]))
+    inits = _initializers(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 26 and all(producers[c.input[0]] == "DequantizeLinear" for c in convs)
+    signed = unsigned = 0
+    for q in quantize:
+        zero_point = inits[q.input[2]]
+        assert not np.any(zero_point), q.name
+        if zero_point.dtype == np.int8:
+            signed += 1
+        else:
+            assert zero_point.dtype == np.uint8
+            unsigned += 1
+        for dq in consumers[q.output[0]]:
+            assert dq.op_type == "DequantizeLinear"
+            ops = {c.op_type for c in consumers[dq.output[0]]}
+            assert ops <= set(MIXED_OPS), f"{q.input[0]} is quantized for {ops}"
+    # The normalised image is signed (INT8); every ReLU output is non-negative (UINT8).
+    assert signed == 1 and unsigned == len(quantize) - 1
+    assert all(producers.get(q.input[0]) != "Conv" for q in quantize)  # no Q on Conv outputs
+
+
 def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:
     again = api.calibrate(
         "squeezenet1_1", "synthetic", tmp_path / "again", samples=8, input_size=(64, 64)
@@ -99,6 +146,25 @@ def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> N
 
 def test_cpu_backends_choose_the_measured_encoding() -> None:
     assert get_backend("onnxruntime").capabilities().int8_encoding == "u8s8"
+
+
+@pytest.mark.openvino
+def test_openvino_chooses_the_mixed_encoding_and_runs_its_convolutions_in_int8(
+    qdq: dict[str, Path], tmp_path: Path
+) -> None:
+    backend = get_backend("openvino")
+    assert backend.capabilities().int8_encoding == "mixed"
+    from deploykit.backends.base import CompileOptions
+
+    artifact = backend.compile(
+        qdq["mixed"],
+        tmp_path / "ov",
+        InputContract(height=64, width=64),
+        CompileOptions(precision="int8", batch=1, threads=1),
+    )
+    precisions = artifact.info["compute_layer_precisions"]
+    assert artifact.effective_precision == "int8", precisions
+    assert precisions.get("i8", 0) + precisions.get("u8", 0) >= 26, precisions
 
 
 @pytest.mark.openvino
@@ -117,15 +183,23 @@ def test_openvino_and_onnxruntime_run_the_same_qdq_file(qdq: dict[str, Path]) ->
 
 
 @pytest.mark.parametrize(
-    "target",
-    ["onnxruntime", pytest.param("openvino", marks=pytest.mark.openvino)],
+    ("target", "forced", "encoding"),
+    [
+        ("onnxruntime", None, "u8s8"),
+        pytest.param("openvino", None, "mixed", marks=pytest.mark.openvino),
+        # The same file as ONNX Runtime's, for bit-comparable backends.
+        pytest.param("openvino", "u8s8", "u8s8", marks=pytest.mark.openvino),
+    ],
 )
-def test_export_int8_end_to_end(target: str, tmp_path: Path) -> None:
+def test_export_int8_end_to_end(
+    target: str, forced: str | None, encoding: str, tmp_path: Path
+) -> None:
     data = _images(tmp_path / "calib")
     result = CliRunner().invoke(
         main,
         ["export", "squeezenet1_1", "-t", target, "-p", "int8", "--input-size", "64"]
         + ["--calib", str(data), "--calib-samples", "10", "--calib-method", "entropy"]
+        + (["--int8-encoding", forced] if forced else [])
         + ["-o", str(tmp_path / "out"), *FAST, "--json"],
     )
     assert result.exit_code == 0, result.output + result.stderr
@@ -135,7 +209,7 @@ def test_export_int8_end_to_end(target: str, tmp_path: Path) -> None:
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["export", "fuse", "calibrate", "compile", "fidelity", "latency"]
     cal = stages["calibrate"]["details"]
-    assert cal["method"] == "entropy" and cal["encoding"] == "u8s8" and cal["per_channel"]
+    assert cal["method"] == "entropy" and cal["encoding"] == encoding and cal["per_channel"]
     assert cal["data"]["count"] == 10 and cal["data"]["labelled"]
     assert len(cal["data"]["sha256"]) == 64
     assert report["fidelity"]["cosine"] >= 0.98

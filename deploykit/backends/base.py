@@ -248,3 +248,32 @@ class Backend(abc.ABC):
             UserError: The backend has no native quantizer here.
         """
         raise UserError(f"{self.name} has no native INT8 quantizer; use --quantizer deploykit")
+
+    def plan(
+        self,
+        onnx_path: Path | None,
+        out_dir: Path,
+        contract: InputContract,
+        options: CompileOptions,
+        source: ModelSource | None = None,
+    ) -> dict[str, Any]:
+        """What :meth:`compile` would do, without doing it (``deploykit export --dry-run``).
+
+        Backends whose build is long or needs hardware that may be absent (TensorRT)
+        prepare their inputs and return a detailed plan; the default describes the call.
+
+        Returns:
+            The plan, with ``summary`` lines for the terminal.
+        """
+        summary = [
+            f"{self.display_name or self.name} {self.version() or '(not installed)'}",
+            f"input: {onnx_path.name if onnx_path else 'the PyTorch model'}",
+            f"precision {options.precision} on {options.device}, {options.threads} threads, "
+            f"batch {options.dynamic_batch or options.batch}",
+        ]
+        return {
+            "backend": self.name,
+            "onnx": str(onnx_path) if onnx_path else None,
+            "options": asdict(options) | {"dynamic_batch": str(options.dynamic_batch or "")},
+            "summary": summary,
+        }

@@ -219,31 +219,13 @@ def _decode(path: Path, data: bytes) -> np.ndarray:
 
 
 def preprocess(image: np.ndarray, contract: InputContract) -> np.ndarray:
-    """HWC uint8 RGB -> CHW float32: resize the shorter side, centre crop, normalise."""
-    from PIL import Image
+    """HWC uint8 RGB -> CHW float32: resize the shorter side, centre crop, normalise.
 
-    if contract.channels not in (1, 3):
-        raise UserError(f"image inputs need 1 or 3 channels; this model takes {contract.channels}")
-    resample = {
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "nearest": Image.Resampling.NEAREST,
-    }.get(contract.interpolation, Image.Resampling.BILINEAR)
-    pil = Image.fromarray(image)
-    if contract.channels == 1:
-        pil = pil.convert("L")
-    h, w = image.shape[:2]
-    short = max(contract.resize, contract.height, contract.width)
-    scale = short / min(h, w)
-    pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
-    left = (pil.width - contract.width) // 2
-    top = (pil.height - contract.height) // 2
-    pil = pil.crop((left, top, left + contract.width, top + contract.height))
-    arr = np.asarray(pil, dtype=np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    mean = np.asarray(contract.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(contract.std, dtype=np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+    One implementation for the workstation and the device: the torch-free runtime's.
+    """
+    from deploykit.runtime.preprocess import preprocess as runtime_preprocess
+
+    return runtime_preprocess(image, contract)
 
 
 def _from_array(path: Path, contract: InputContract, count: int | None) -> Dataset:

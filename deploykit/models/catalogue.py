@@ -41,6 +41,14 @@ FAMILY_ORDER: tuple[tuple[str, str], ...] = (
     ("alexnet", "alexnet"),
     ("efficientnet", "efficientnet"),
     ("lenet", "lenet"),
+    ("mobilenet_v1", "mobilenet"),
+    ("shufflenet_v1", "shufflenet"),
+    ("preact_resnet", "resnet"),
+    ("se_resnet", "senet"),
+    ("xception", "xception"),
+    ("dpn", "dpn"),
+    ("cliquenet", "cliquenet"),
+    ("conv_", "conv-type"),
     ("regnet", "regnet"),
     ("convnext", "convnext"),
     ("maxvit", "transformer"),
@@ -53,6 +61,7 @@ EMPHASIS_FAMILIES = frozenset({"mobilenet", "shufflenet", "squeezenet"})
 BUILTIN_MODULES: tuple[str, ...] = (
     "deploykit.models.efficientnet_lite",
     "deploykit.models.seednets",
+    "deploykit.models.zoo",
 )
 
 

@@ -257,6 +257,23 @@ class ShuffleUnit(nn.Module):
         return self.relu(x + self.branch(x))
 
 
+def shuffle_stages(
+    cin: int, stage_channels: Sequence[int], stage_repeats: Sequence[int], groups: int
+) -> tuple[nn.Sequential, int]:
+    """ShuffleNet v1 stages: each opens with a stride-2 unit (the first one's 1x1 is not
+    grouped: its input has too few channels), then stride-1 units; returns (stages, width).
+    """
+    stages: list[nn.Module] = []
+    for index, (cout, repeats) in enumerate(zip(stage_channels, stage_repeats, strict=True)):
+        units: list[nn.Module] = [
+            ShuffleUnit(cin, cout, groups, 2, first_groups=1 if index == 0 else None)
+        ]
+        units += [ShuffleUnit(cout, cout, groups, 1) for _ in range(repeats - 1)]
+        stages.append(nn.Sequential(*units))
+        cin = cout
+    return nn.Sequential(*stages), cin
+
+
 class ShuffleNetV1(nn.Module):
     """ShuffleNet-v1: stem, three stages of shuffle units, global pool, linear classifier.
 
@@ -287,16 +304,7 @@ class ShuffleNetV1(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = _conv_bn(in_channels, stem_channels, 3, stem_stride)
-        stages: list[nn.Module] = []
-        cin = stem_channels
-        for index, (cout, repeats) in enumerate(zip(stage_channels, stage_repeats, strict=True)):
-            units: list[nn.Module] = [
-                ShuffleUnit(cin, cout, groups, 2, first_groups=1 if index == 0 else None)
-            ]
-            units += [ShuffleUnit(cout, cout, groups, 1) for _ in range(repeats - 1)]
-            stages.append(nn.Sequential(*units))
-            cin = cout
-        self.stages = nn.Sequential(*stages)
+        self.stages, cin = shuffle_stages(stem_channels, stage_channels, stage_repeats, groups)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cin, num_classes)
 

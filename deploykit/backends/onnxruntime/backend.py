@@ -101,8 +101,11 @@ class OnnxRuntimeBackend(Backend):
         opts.optimized_model_filepath = str(tmp)
         ort.InferenceSession(str(onnx_path), opts, providers=[provider])
         os.replace(tmp, target)
+        providers = runtime_providers(provider, options.device, options.extra)
         check = ort.InferenceSession(
-            str(target), session_options(options.threads), providers=[provider]
+            str(target),
+            session_options(options.threads),
+            providers=provider_options(providers, folder),
         )
         input_name = check.get_inputs()[0].name
         counts = compute_precisions(target)
@@ -120,7 +123,11 @@ class OnnxRuntimeBackend(Backend):
             input_name=input_name,
             contract=contract,
             source=source,
-            settings={"provider": provider, "graph_optimization_level": "all"},
+            settings={
+                "provider": provider,
+                "providers": providers,
+                "graph_optimization_level": "all",
+            },
             info={
                 "providers": check.get_providers(),
                 "offline_optimization": level,
@@ -133,6 +140,7 @@ class OnnxRuntimeBackend(Backend):
             artifact.folder / artifact.files[0],
             artifact.settings.get("provider", "CPUExecutionProvider"),
             artifact.threads,
+            providers=artifact.settings.get("providers"),
         )
 
     def _provider(self, device: str) -> str:
@@ -144,6 +152,42 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime has no {provider} here; install deploykit[gpu] on a CUDA machine"
             )
         return provider
+
+
+def runtime_providers(provider: str, device: str, extra: dict[str, Any]) -> list[str]:
+    """Execution providers in priority order; ``extra["ort_tensorrt"]`` puts TensorRT's first.
+
+    Raises:
+        BackendUnavailableError: TensorRT EP asked for but not available here.
+    """
+    if not extra.get("ort_tensorrt"):
+        return [provider]
+    trt_ep = "TensorrtExecutionProvider"
+    if device != "cuda" or trt_ep not in _import_ort().get_available_providers():
+        raise BackendUnavailableError(
+            f"onnxruntime has no {trt_ep} here: it needs --device cuda, onnxruntime-gpu and "
+            "TensorRT's libraries (use the TensorRT image, docker/Dockerfile.tensorrt)"
+        )
+    return [trt_ep, provider]
+
+
+def provider_options(providers: list[str], folder: Path) -> list[Any]:
+    """Providers for InferenceSession; TensorRT's caches its engines in the artifact folder."""
+    cache = str(folder / "trt_cache")
+    return [
+        (
+            name,
+            {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": cache,
+            },
+        )
+        if name == "TensorrtExecutionProvider"
+        else name
+        for name in providers
+    ]
 
 
 _INT8_OPS = frozenset(
@@ -169,16 +213,25 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, provider: str, threads: int) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        provider: str,
+        threads: int,
+        providers: list[str] | None = None,
+    ) -> None:
         self.model_path = model_path
         self.provider = provider
+        self.providers = providers or [provider]
         self.threads = threads
         self.session: Any = None
 
     def activate(self) -> None:
         ort = _import_ort()
         self.session = ort.InferenceSession(
-            str(self.model_path), session_options(self.threads), providers=[self.provider]
+            str(self.model_path),
+            session_options(self.threads),
+            providers=provider_options(self.providers, self.model_path.parent),
         )
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

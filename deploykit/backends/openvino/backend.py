@@ -84,7 +84,7 @@ class OpenVinoBackend(Backend):
             precisions=precisions,
             devices=("cpu",),
             dynamic_shapes=True,
-            int8_encoding="u8s8",
+            int8_encoding="mixed",
             native_quantizer="nncf" if "int8" in precisions and nncf_available() else None,
         )
 

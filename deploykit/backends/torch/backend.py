@@ -1,4 +1,9 @@
-"""PyTorch eager in inference mode. Its 'artifact' is the model source, rebuilt on load."""
+"""PyTorch eager (or torch.compile) in inference mode, on the CPU or a CUDA GPU.
+
+Its 'artifact' is the model source, rebuilt on load. On CUDA it is the baseline every
+GPU speedup is reported against; the runner exposes ``stream`` and ``enqueue`` so the
+GPU harness (deploykit.harness.gpu) times it with CUDA events like every CUDA target.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ def first_tensor(output: Any) -> Any:
 
 
 class TorchBackend(Backend):
-    """PyTorch eager on the CPU (CUDA arrives with the GPU targets)."""
+    """PyTorch eager or torch.compile, on the CPU or CUDA."""
 
     name = "torch"
     display_name = "PyTorch eager"
@@ -56,8 +61,11 @@ class TorchBackend(Backend):
         return str(torch.__version__)
 
     def capabilities(self) -> Capabilities:
+        from deploykit.harness.gpu import gpu_unavailable_reason
+
+        devices = ("cpu", "cuda") if gpu_unavailable_reason() is None else ("cpu",)
         return Capabilities(
-            precisions=("fp32",), devices=("cpu",), dynamic_shapes=True, needs_onnx=False
+            precisions=("fp32",), devices=devices, dynamic_shapes=True, needs_onnx=False
         )
 
     def compile(
@@ -73,8 +81,12 @@ class TorchBackend(Backend):
                 "the torch target needs a PyTorch model (catalogue name, module:factory, "
                 "TorchScript or .pt2), not an ONNX file"
             )
-        if options.device != "cpu":
-            raise UserError("the torch target runs on the cpu here; CUDA arrives with GPU targets")
+        if options.device not in ("cpu", "cuda"):
+            raise UserError(f"the torch target runs on cpu or cuda, not {options.device!r}")
+        if options.device == "cuda":
+            from deploykit.harness.gpu import require_gpu
+
+            require_gpu()
         if options.precision != "fp32":
             raise UserError(f"the torch target runs fp32 only, not {options.precision}")
         folder = out_dir / "torch"
@@ -85,29 +97,65 @@ class TorchBackend(Backend):
             files=[],
             precision="fp32",
             effective_precision="fp32",
-            device="cpu",
+            device=options.device,
             threads=options.threads,
             input_name="input",
             contract=contract,
             source=source,
-            settings={"mode": "eager", "inference_mode": True},
+            settings={
+                "mode": "compile" if options.extra.get("compile") else "eager",
+                "inference_mode": True,
+                **_math_settings(options.device),
+            },
         )
 
     def runner(self, artifact: CompiledArtifact) -> Runner:
         if artifact.source is None:
             raise UserError(f"{artifact.folder} records no model source to rebuild")
-        return TorchRunner(artifact.source, artifact.threads)
+        return TorchRunner(
+            artifact.source,
+            artifact.threads,
+            device=artifact.device,
+            compile=artifact.settings.get("mode") == "compile",
+        )
+
+
+def _math_settings(device: str) -> dict[str, Any]:
+    """The float math torch uses on `device` (TF32 on CUDA is recorded, not changed)."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_benchmark": True,
+    }
 
 
 class TorchRunner(Runner):
-    """Runs the PyTorch model eagerly under ``torch.inference_mode``."""
+    """Runs the PyTorch model under ``torch.inference_mode``, eagerly or torch.compile'd.
+
+    On CUDA the model and the prepared input live on the GPU, the work is issued on
+    ``stream``, and :meth:`enqueue` launches one forward pass without waiting.
+    """
 
     name = "torch"
 
-    def __init__(self, source: ModelSource, threads: int, module: Any = None) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        threads: int,
+        module: Any = None,
+        device: str = "cpu",
+        compile: bool = False,
+    ) -> None:
         self.source = source
         self.threads = threads
         self.module = module
+        self.device = device
+        self.compile = compile
+        self.stream: Any = None
 
     def activate(self) -> None:
         import torch
@@ -115,21 +163,51 @@ class TorchRunner(Runner):
         torch.set_num_threads(self.threads)
         if self.module is None:
             self.module = load_torch(self.source)
+        if self.device == "cuda":
+            from deploykit.harness.gpu import require_gpu
+
+            require_gpu()
+            torch.backends.cudnn.benchmark = True
+            self.module = self.module.to("cuda")
+            self.stream = torch.cuda.Stream()
+        if self.compile:
+            self.module = torch.compile(self.module)
+
+    def _forward(self, x: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return first_tensor(self.module(x))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            out = first_tensor(self.module(torch.from_numpy(np.ascontiguousarray(batch))))
-        return np.asarray(out.float().numpy())
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device != "cuda":
+            return np.asarray(self._forward(x).float().numpy())
+        with torch.cuda.stream(self.stream):
+            out = self._forward(x.to("cuda")).float().cpu()
+        return np.asarray(out.numpy())
 
     def prepare(self, batch: np.ndarray) -> None:
         import torch
 
         self._tensor = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device == "cuda":
+            with torch.cuda.stream(self.stream):
+                self._tensor = self._tensor.to("cuda")
+            self.stream.synchronize()
 
-    def run_prepared(self) -> None:
+    def enqueue(self) -> None:
+        """Launch one forward pass of the prepared input on ``stream`` (CUDA only)."""
         import torch
 
-        with torch.inference_mode():
-            self.module(self._tensor)
+        with torch.cuda.stream(self.stream):
+            self._out = self._forward(self._tensor)
+
+    def run_prepared(self) -> None:
+        if self.device != "cuda":
+            self._forward(self._tensor)
+            return
+        self.enqueue()
+        self.stream.synchronize()
