@@ -186,6 +186,7 @@ def _command_line(ctx: click.Context) -> str:
 
 
 def _render(console: Any, doc: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from deploykit.harness.coverage import cell_text
@@ -198,12 +199,12 @@ def _render(console: Any, doc: dict[str, Any]) -> None:
         table.add_column(key)
     for row in doc["rows"]:
         table.add_row(
-            f"{row['name']} ({row['model']})",
+            escape(f"{row['name']} ({row['model']})"),
             row.get("weights", "?"),
-            *[cell_text(row["cells"][k], k.split("/")[1]) for k in keys],
+            *[escape(cell_text(row["cells"][k], k.split("/")[1])) for k in keys],
         )
     console.print(table)
     for name, reason in doc.get("unavailable", {}).items():
-        console.print(f"{name}: unavailable: {reason}")
+        console.print(escape(f"{name}: unavailable: {reason}"))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(doc["summary"]["cells"].items()))
     console.print(f"cells: {counts}")

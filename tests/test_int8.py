@@ -131,6 +131,16 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
     # The normalised image is signed (INT8); every ReLU output is non-negative (UINT8).
     assert signed == 1 and unsigned == len(quantize) - 1
     assert all(producers.get(q.input[0]) != "Conv" for q in quantize)  # no Q on Conv outputs
+    # Every Concat's inputs share one scale (OpenVINO concatenates INT8 without requantizing).
+    dq_scale = {
+        n.output[0]: float(inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and inits[n.input[1]].size == 1
+    }
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert len(concats) == 8
+    for concat in concats:
+        assert len({dq_scale[name] for name in concat.input}) == 1, concat.name
 
 
 def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:
