@@ -1,9 +1,10 @@
 """The coverage matrix, BatchNorm re-estimation, and the grouped/depthwise guarantees.
 
-The default tests run a representative subset of the small matrix (depthwise,
-grouped + channel shuffle, fire modules, a trained net) and compare it with the
-recorded run in tests/golden/coverage.json; the whole small matrix runs under
-``-m slow``. docs/coverage.md must be the rendering of that recorded run.
+A representative subset of the small matrix (depthwise, grouped + channel
+shuffle, fire modules, a trained net) runs through the `coverage` command itself;
+the whole small matrix (every row, about two minutes on 2 cores) runs through the
+library; both are compared with the recorded run in tests/golden/coverage.json.
+docs/coverage.md must be the rendering of that recorded run.
 """
 
 from __future__ import annotations
@@ -411,7 +412,6 @@ def full_small_doc() -> dict[str, Any]:
     return cov.run_coverage(_options(None))
 
 
-@pytest.mark.slow
 def test_small_matrix_matches_the_recorded_run(full_small_doc: dict[str, Any]) -> None:
     assert cov.check_against_golden(full_small_doc, _golden()) == []
 
@@ -435,7 +435,6 @@ def _int8_xfail_params() -> list[Any]:
     return params
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("model", "backend"), _int8_xfail_params())
 def test_int8_cosine_on_random_weight_rows(
     full_small_doc: dict[str, Any], model: str, backend: str

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.stages.onnxcheck import load_onnx
+from deploykit.stages.onnxcheck import exposing_session, load_onnx
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -244,24 +244,10 @@ def _run_exposing(
 
     A graph input among `names` is returned as fed (it cannot be a graph output).
     """
-    import onnx
-    import onnxruntime as ort
-
     usable = inputs.shape[0] - inputs.shape[0] % batch or inputs.shape[0]
     fed = {i.name for i in model.graph.input} & set(names)
     names = [name for name in names if name not in fed]
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in names:
-        if name not in existing:
-            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        augmented.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = exposing_session(model, names)
     input_name = session.get_inputs()[0].name
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, usable if names else 0, batch):

@@ -244,7 +244,8 @@ def activation_peaks(model_path: Path, batch: np.ndarray, kept_fp32: set[str]) -
         Tensor name -> peak magnitude, over `batch`.
     """
     import onnx
-    import onnxruntime as ort
+
+    from deploykit.stages.onnxcheck import exposing_session
 
     model = onnx.load(str(model_path))
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -260,16 +261,7 @@ def activation_peaks(model_path: Path, batch: np.ndarray, kept_fp32: set[str]) -
         for out in node.output
         if out in float_types
     ]
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = exposing_session(model, names)
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)}
     values = session.run(names, feed)
     return {

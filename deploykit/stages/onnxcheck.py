@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,25 @@ class OrtSession:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """First output for one batch."""
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+
+
+def exposing_session(model: Any, names: Sequence[str]) -> Any:
+    """An ONNX Runtime CPU session on a copy of `model` with `names` added as graph outputs.
+
+    Graph optimisations are off, so every named intermediate tensor still exists.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name not in existing:
+            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        augmented.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
