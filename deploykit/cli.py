@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from deploykit import __version__
+from deploykit.cli_common import console as _console
 from deploykit.errors import DeployKitError
 
 
@@ -28,12 +29,6 @@ class _Group(click.Group):
             if run_dir is not None:
                 click.echo(f"the failed run is kept in {run_dir} (status in report.json)", err=True)
             ctx.exit(exc.exit_code)
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
 
 
 def _parse_size(value: str | None) -> tuple[int, int] | None:

@@ -11,24 +11,9 @@ from typing import Any
 
 import click
 
+from deploykit.cli_common import console as _console
+
 FORMATS = ("onnx", "onnx-fp16", "ort-mobile", "openvino", "tensorrt")
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
-
-
-def _size(num: int | None) -> str:
-    if num is None:
-        return ""
-    value = float(num)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return str(num)  # pragma: no cover
 
 
 @click.command()
@@ -80,6 +65,7 @@ def package(
 ) -> None:
     """Package RUN_DIR into one verifiable bundle for a device."""
     from deploykit import api
+    from deploykit.harness.display import human_size
     from deploykit.package.formats import PackageOptions
 
     options = PackageOptions(
@@ -98,7 +84,7 @@ def package(
     check = result["packaging_check"]
     click.echo(
         f"{result['bundle']}: {result['format']} {result['precision']}, "
-        f"{_size(result['bundle_bytes'])}, {len(result['files'])} files, runs on "
+        f"{human_size(result['bundle_bytes'])}, {len(result['files'])} files, runs on "
         f"{result['backend']['name']} >= {result['backend'].get('min_version') or 'any'}"
     )
     if check:
@@ -156,11 +142,13 @@ def inspect(bundle: str, as_json: bool) -> None:
 def _render_inspect(console: Any, result: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from deploykit.harness.display import human_size
+
     m = result["manifest"]
     inp, out, backend = m["input"], m["output"], m["backend"]
     console.print(
         f"[bold]{m['model']['name']}[/bold] · {m['format']} · {m['precision']} · "
-        f"{_size(result['bundle_bytes'])} · bundle id {result['bundle_id'][:16]}"
+        f"{human_size(result['bundle_bytes'])} · bundle id {result['bundle_id'][:16]}"
     )
     console.print(
         f"runtime: {backend['name']} >= {backend.get('min_version') or 'any'}"
@@ -211,7 +199,7 @@ def _render_inspect(console: Any, result: dict[str, Any]) -> None:
         )
     table = Table("file", "size", "sha256")
     for name, entry in result["files"].items():
-        table.add_row(name, _size(entry["size"]), entry["sha256"][:16] + "…")
+        table.add_row(name, human_size(entry["size"]), entry["sha256"][:16] + "…")
     console.print(table)
     for note in m["model"].get("notes", []):
         console.print(f"note: {note}")

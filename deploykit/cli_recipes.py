@@ -12,13 +12,9 @@ from typing import Any
 
 import click
 
+from deploykit.cli_common import console as _console
+
 _SET_HELP = "Override a recipe key: section.key=value (repeatable), e.g. measure.runs=20."
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
 
 
 @click.command(name="run")
