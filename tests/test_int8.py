@@ -104,6 +104,7 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
     qdq: dict[str, Path],
 ) -> None:
     from deploykit.stages.calibrate import MIXED_OPS
+    from deploykit.stages.ovqdq import POOL_OPS
 
     model = onnx.load(str(qdq["mixed"]))
     inits = _initializers(model)
@@ -111,10 +112,20 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    quantize = [
+        n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+    ]
     producers = {out: n.op_type for n in model.graph.node for out in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 26 and all(producers[c.input[0]] == "DequantizeLinear" for c in convs)
+    node_of = {out: n for n in model.graph.node for out in n.output}
+
+    def int8_source(name: str) -> bool:  # a DQ, or a MaxPool over a DQ (no requantization)
+        node = node_of[name]
+        return node.op_type == "DequantizeLinear" or (
+            node.op_type == "MaxPool" and int8_source(node.input[0])
+        )
+
+    assert len(convs) == 26 and all(int8_source(c.input[0]) for c in convs)
     signed = unsigned = 0
     for q in quantize:
         zero_point = inits[q.input[2]]
@@ -127,10 +138,14 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
         for dq in consumers[q.output[0]]:
             assert dq.op_type == "DequantizeLinear"
             ops = {c.op_type for c in consumers[dq.output[0]]}
-            assert ops <= set(MIXED_OPS), f"{q.input[0]} is quantized for {ops}"
+            assert ops <= set(MIXED_OPS) | set(POOL_OPS), f"{q.input[0]} is quantized for {ops}"
     # The normalised image is signed (INT8); every ReLU output is non-negative (UINT8).
     assert signed == 1 and unsigned == len(quantize) - 1
     assert all(producers.get(q.input[0]) != "Conv" for q in quantize)  # no Q on Conv outputs
+    # Pools run on INT8 data: every MaxPool/ReduceMean reads a DQ and is not requantized.
+    pools = [n for n in model.graph.node if n.op_type in POOL_OPS]
+    assert len(pools) == 4 and all(producers[p.input[0]] == "DequantizeLinear" for p in pools)
+    assert not any(producers.get(q.input[0]) == "MaxPool" for q in quantize)
     # Every Concat's inputs share one scale (OpenVINO concatenates INT8 without requantizing).
     dq_scale = {
         n.output[0]: float(inits[n.input[1]])
@@ -141,6 +156,24 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
     assert len(concats) == 8
     for concat in concats:
         assert len({dq_scale[name] for name in concat.input}) == 1, concat.name
+
+
+def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
+    qdq: dict[str, Path],
+) -> None:
+    import onnxruntime as ort
+
+    from deploykit.stages import ovqdq
+
+    model = onnx.load(str(qdq["u8s8"]))  # MaxPool shares its input's Q/DQ parameters there
+    assert ovqdq.drop_maxpool_requantize(model) == 3
+    x = synthetic_images(InputContract(height=64, width=64), 4, seed=5)
+    outs = []
+    for candidate in (qdq["u8s8"].read_bytes(), model.SerializeToString()):
+        session = ort.InferenceSession(candidate, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
 
 
 def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:
@@ -175,6 +208,19 @@ def test_openvino_chooses_the_mixed_encoding_and_runs_its_convolutions_in_int8(
     precisions = artifact.info["compute_layer_precisions"]
     assert artifact.effective_precision == "int8", precisions
     assert precisions.get("i8", 0) + precisions.get("u8", 0) >= 26, precisions
+    # Pools run on UINT8 and no FakeQuantize is left standing alone.
+    import openvino as ov
+
+    runtime = ov.Core().compile_model(str(qdq["mixed"]), "CPU").get_runtime_model()
+    infos = [op.get_rt_info() for op in runtime.get_ordered_ops()]
+    layers = [
+        (rt["layerType"].astype(str), rt["runtimePrecision"].astype(str))
+        for rt in infos
+        if "runtimePrecision" in rt
+    ]
+    assert ("Pooling", "u8") in layers and ("Reduce", "u8") in layers, layers
+    pooled_in_f32 = [x for x in layers if x[0] in ("Pooling", "Reduce", "FakeQuantize")]
+    assert not [x for x in pooled_in_f32 if x[1] == "f32"], layers
 
 
 @pytest.mark.openvino

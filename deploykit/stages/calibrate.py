@@ -46,7 +46,7 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import calibcache
+from deploykit.stages import calibcache, ovqdq
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -455,7 +455,11 @@ def _write_qdq(
         )
         quantizer.quantize_model()
         quantizer.model.topological_sort()
-    return quantizer.model.model
+    model = quantizer.model.model
+    if encoding == "mixed":
+        ovqdq.quantize_pool_inputs(model, stats.ranges)
+        ovqdq.drop_maxpool_requantize(model)
+    return model
 
 
 def _unified_concat(prep: _Prepared, stats: CalibrationStats) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,188 @@
+"""Graph passes that finish the ``mixed`` Q/DQ encoding for OpenVINO.
+
+ONNX Runtime's quantizer writes the Q/DQ graph; two things it does not do are
+what OpenVINO's low-precision transformations need to run a network the way
+they run NNCF's placement.
+
+- **Pooling inputs.** ONNX Runtime quantizes a MaxPool/AveragePool only when its
+  input is already quantized, and has no Q/DQ rule for ReduceMean (what a global
+  average pool exports as). In the mixed encoding nothing quantizes a Conv's
+  output, so those pools ran in f32 behind a standalone FakeQuantize.
+  `quantize_pool_inputs` puts the Q/DQ on the pool's input instead, from the
+  same calibrated range, so the producing Conv writes UINT8 and the pool runs on
+  it. SqueezeNet 1.1 has one such MaxPool and its final ReduceMean.
+- **No requantization after MaxPool.** The maximum commutes with a monotonic
+  quantizer, so a Q/DQ on a MaxPool's output with the scale and zero point of
+  its input's Q/DQ is a no-op; `drop_maxpool_requantize` removes it, so OpenVINO
+  does not requantize between the pool and the next Conv.
+- Weights stay INT8 initializers behind a DequantizeLinear. Storing them in float
+  behind a Q/DQ pair (one FakeQuantize, as NNCF's IR has) removes a per-channel
+  Multiply from OpenVINO's runtime graph but measured no faster: mobilenet_v2
+  1.52/1.56 ms with INT8 initializers against 1.57/1.52 ms (two rounds), and the
+  ONNX file would hold FP32 weights.
+
+Measured with OpenVINO 2026.4 on a 2-core AVX-512-VNNI/AMX Xeon: see the
+``mixed`` notes in :mod:`deploykit.stages.calibrate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Pooling ops whose input the mixed encoding quantizes when ONNX Runtime did not.
+POOL_OPS = ("AveragePool", "GlobalAveragePool", "MaxPool", "ReduceMean")
+
+
+def _index(model: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
+    """(producer of each tensor, consumers of each tensor, initializers by name)."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producers, consumers, {init.name: init for init in graph.initializer}
+
+
+def quantization_params(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mixed encoding's (scale, zero point) for the range ``[lo, hi]``.
+
+    UINT8 with zero point 0 when the range is non-negative; symmetric INT8 when it
+    is signed. The scales are ONNX Runtime's own (``compute_scale_zp``), so a pair
+    written here matches one its quantizer writes from the same range.
+    """
+    from onnxruntime.quantization.quant_utils import (
+        QuantType,
+        compute_scale_zp,
+        get_qmin_qmax_for_qType,
+    )
+
+    signed = lo < 0.0
+    qtype = QuantType.QInt8 if signed else QuantType.QUInt8
+    qmin, qmax = get_qmin_qmax_for_qType(qtype.tensor_type, symmetric=signed)
+    zero, scale = compute_scale_zp(
+        np.array(min(lo, 0.0), dtype=np.float32),
+        np.array(max(hi, 0.0), dtype=np.float32),
+        qmin,
+        qmax,
+        symmetric=signed,
+    )
+    dtype = np.int8 if signed else np.uint8
+    return np.asarray(scale, dtype=np.float32), np.asarray(zero, dtype=dtype)
+
+
+def quantize_pool_inputs(model: Any, ranges: dict[str, tuple[float, float]]) -> int:
+    """Give every pooling input that is not quantized a Q/DQ pair from its calibrated range.
+
+    A pooling input that already has a Q/DQ for another consumer reuses it.
+    Tensors without a range (never calibrated) and graph inputs are left alone.
+
+    Returns:
+        How many pooling inputs now read a DequantizeLinear.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producers, consumers, _ = _index(model)
+    done: dict[str, str] = {}  # float tensor -> its DequantizeLinear output
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            dqs = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            if dqs:
+                done.setdefault(node.input[0], dqs[0].output[0])
+    new_nodes: list[Any] = []
+    changed = 0
+    for node in graph.node:
+        source = node.input[0] if node.op_type in POOL_OPS and node.input else ""
+        producer = producers.get(source)
+        if producer is not None and producer.op_type != "DequantizeLinear" and source in ranges:
+            if source not in done:
+                scale, zero = quantization_params(*ranges[source])
+                base = f"{source}_pool"
+                graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(scale, f"{base}_scale"),
+                        numpy_helper.from_array(zero, f"{base}_zero_point"),
+                    ]
+                )
+                params = [f"{base}_scale", f"{base}_zero_point"]
+                new_nodes += [
+                    helper.make_node(
+                        "QuantizeLinear",
+                        [source, *params],
+                        [f"{base}_QuantizeLinear_Output"],
+                        name=f"{base}_QuantizeLinear",
+                    ),
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_QuantizeLinear_Output", *params],
+                        [f"{base}_DequantizeLinear_Output"],
+                        name=f"{base}_DequantizeLinear",
+                    ),
+                ]
+                done[source] = f"{base}_DequantizeLinear_Output"
+            node.input[0] = done[source]
+            changed += 1
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return changed
+
+
+def _same_params(a: Any, b: Any, inits: dict[str, Any]) -> bool:
+    """True when two Q/DQ nodes have constant, equal scales and zero points."""
+    from onnx import numpy_helper
+
+    for i in (1, 2):
+        names = (a.input[i] if len(a.input) > i else "", b.input[i] if len(b.input) > i else "")
+        if names[0] == names[1]:
+            continue
+        if names[0] not in inits or names[1] not in inits:
+            return False
+        x, y = (numpy_helper.to_array(inits[n]) for n in names)
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
+            return False
+    return True
+
+
+def drop_maxpool_requantize(model: Any) -> int:
+    """Remove Q/DQ pairs on MaxPool outputs that repeat the Q/DQ on the MaxPool's input.
+
+    Returns:
+        How many pairs were removed.
+    """
+    graph = model.graph
+    producers, consumers, inits = _index(model)
+    outputs = {out.name for out in graph.output}
+    drop: set[int] = set()
+    rename: dict[str, str] = {}
+    for pool in graph.node:
+        if pool.op_type != "MaxPool" or len(pool.output) != 1:
+            continue
+        dq_in = producers.get(pool.input[0])
+        if dq_in is None or dq_in.op_type != "DequantizeLinear":
+            continue
+        for q in consumers.get(pool.output[0], []):
+            dqs = consumers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
+            if (
+                not dqs
+                or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs for d in dqs)
+                or not all(_same_params(dq_in, x, inits) for x in (q, *dqs))
+            ):
+                continue
+            drop.add(id(q))
+            for dq in dqs:
+                drop.add(id(dq))
+                rename[dq.output[0]] = pool.output[0]
+    if not drop:
+        return 0
+    kept = [node for node in graph.node if id(node) not in drop]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(drop) // 2
