@@ -63,48 +63,23 @@ REQUEST_FIELDS: dict[str, str | None] = {
 }
 
 # `deploykit export` option (click parameter name) -> recipe key; None = not a recipe
-# option (it only changes what the command prints). Negated flags map onto the key they
-# negate (--per-tensor -> calibration.per_channel: false, --no-eval -> evaluation.data: []).
+# option (it only changes what the command prints). An option named like the
+# ExportRequest field it sets maps to that field's key; the others are listed: negated
+# flags map onto the key they negate (--per-tensor -> calibration.per_channel: false,
+# --no-eval -> evaluation.data: []), and the backend sections' options onto their section.
+_NOT_EXPORT_FLAGS = ("model", "per_channel", "calib_cache", "fallback", "extra")
 EXPORT_FLAGS: dict[str, str | None] = {
+    **{f: key for f, key in REQUEST_FIELDS.items() if f not in _NOT_EXPORT_FLAGS},
     "model": "model.name",
-    "target": "target.backend",
-    "precision": "precision",
-    "device": "target.device",
-    "weights": "model.weights",
-    "input_size": "input.size",
-    "batch": "input.batch",
-    "dynamic_batch": "input.dynamic_batch",
-    "opset": "export.opset",
-    "exporter": "export.exporter",
-    "threads": "target.threads",
-    "runs": "measure.runs",
-    "warmup": "measure.warmup",
-    "min_seconds": "measure.min_seconds",
-    "fidelity_samples": "measure.fidelity_samples",
-    "seed": "model.seed",
-    "out": "outputs.out",
-    "calib": "calibration.data",
-    "calib_method": "calibration.method",
-    "calib_samples": "calibration.samples",
-    "calib_percentile": "calibration.percentile",
     "per_tensor": "calibration.per_channel",
-    "bias_correction": "calibration.bias_correction",
     "no_calib_cache": "calibration.cache",
-    "quantizer": "calibration.quantizer",
-    "int8_encoding": "calibration.encoding",
-    "bn_recalibrate": "model.bn_recalibrate",
-    "eval_data": "evaluation.data",
     "no_eval": "evaluation.data",
-    "eval_samples": "evaluation.samples",
-    "max_accuracy_drop": "gates.max_accuracy_drop",
     "no_fallback": "gates.fallback",
-    "max_fallback_layers": "gates.max_fallback_layers",
     "torch_compile": "torch.compile",
     "ort_tensorrt": "onnxruntime.ort_tensorrt",
     "workspace": "tensorrt.workspace",
     "builder_opt_level": "tensorrt.builder_opt_level",
     "timing_cache": "tensorrt.timing_cache",
-    "dry_run": None,
     "as_json": None,
 }
 
