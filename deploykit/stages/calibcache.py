@@ -35,7 +35,7 @@ import numpy as np
 from deploykit.fsutil import sha256_file, write_text_atomic
 from deploykit.harness.datasets import Dataset
 
-SCHEMA_VERSION = 2  # 2: entropy statistics on a 2048-bin histogram
+SCHEMA_VERSION = 3  # 2: entropy on a 2048-bin histogram; 3: deploykit's KL search
 ENV_VAR = "DEPLOYKIT_CACHE_DIR"
 
 Ranges = dict[str, tuple[float, float]]

@@ -11,13 +11,16 @@ halves:
    DequantizeLinear pairs from those ranges, with per-channel symmetric INT8
    weights, in the activation encoding each backend runs best (see ENCODINGS).
 
-The ranges are collected exactly as ``quantize_static`` collects them, so both
-encodings derive from one collection and equal what ``quantize_static`` writes:
+The ranges are collected exactly as ``quantize_static`` collects them, so every
+encoding derives from one collection and, for minmax and percentile, equals what
+``quantize_static`` writes:
 
 - minmax: the calibrator runs with ``symmetric=False`` and returns the observed
   ``[min, max]``;
-- entropy: the KL threshold does not depend on ``symmetric`` (a signed histogram
-  over ``[-amax, amax]``), clipped to ``[min, max]``;
+- entropy: ONNX Runtime's histogram of each tensor; the KL threshold ``t`` is
+  deploykit's (TensorRT's search over ``|x|``, `deploykit.stages.entropy`, because
+  ONNX Runtime's own search mis-handles ReLU outputs) and the range is
+  ``[max(min, -t), min(max, t)]``;
 - percentile: ONNX Runtime's default, a histogram of ``|x|``; the threshold ``t``
   becomes ``[max(min, -t), min(max, t)]`` (so a ReLU output gets ``[0, t]``).
 
@@ -46,7 +49,7 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import calibcache, ovqdq
+from deploykit.stages import calibcache, entropy, ovqdq
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -389,6 +392,8 @@ def _collect(prep: _Prepared, data: Dataset, options: CalibrationOptions) -> Cal
         )
         try:
             calibrator.collect_data(Reader())
+            if options.method == "entropy":
+                return CalibrationStats(options.method, None, _entropy_ranges(calibrator))
             tensors = calibrator.compute_data()
         except ValueError as exc:
             if options.method == "minmax":
@@ -554,14 +559,27 @@ def _ort_method(method: str) -> Any:
     }[method]
 
 
-# Entropy (KL) needs a histogram finer than the 128 quantized bins it searches over:
-# with onnxruntime's defaults (128 and 128) there is a single candidate threshold and
-# "entropy" silently equals minmax. 2048 bins is TensorRT's histogram size.
-ENTROPY_BINS = 2048
+# Entropy (KL) needs a histogram much finer than the 128 levels it searches over (with
+# onnxruntime's default of 128 bins there is a single candidate and "entropy" silently
+# equals minmax). ONNX Runtime histograms x over [-amax, amax]; 4096 bins give the 2048
+# bins of |x| that TensorRT's calibrator searches.
+ENTROPY_BINS = 4096
 
 
 def _method_options(method: str) -> dict[str, Any]:
-    return {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128} if method == "entropy" else {}
+    return {"num_bins": ENTROPY_BINS} if method == "entropy" else {}
+
+
+def _entropy_ranges(calibrator: Any) -> dict[str, tuple[float, float]]:
+    """Entropy ranges from the calibrator's histograms, by deploykit.stages.entropy.
+
+    ONNX Runtime's own threshold search mis-handles ReLU outputs (see that module).
+    """
+    histograms = calibrator.collector.histogram_dict
+    return {
+        tensor: entropy.entropy_range(hist, edges, float(lo), float(hi))
+        for tensor, (hist, edges, lo, hi, _threshold) in histograms.items()
+    }
 
 
 def _op_types_to_quantize() -> list[str]:
