@@ -56,3 +56,24 @@ def test_short_and_empty_histograms() -> None:
     assert kl_threshold_bins(np.ones(LEVELS)) == LEVELS
     assert kl_threshold_bins(np.zeros(1024)) == 1024
     assert kl_threshold_bins(np.ones(3000)) == 3000  # flat: nothing worth clipping
+
+
+def test_constant_background_does_not_set_the_threshold() -> None:
+    """A normalised image whose background is one value keeps its bright pixels.
+
+    Without spike handling the search isolates the background bin and clips every
+    brighter pixel (Fashion-MNIST's input went from [-0.81, 2.02] to [-0.81, 0.81]).
+    """
+    rng = np.random.default_rng(4)
+    background = np.full(300_000, -0.81)
+    pixels = np.clip(rng.normal(1.0, 0.5, 100_000), -0.81, 2.02)
+    lo, hi = _range(np.concatenate([background, pixels]))
+    assert lo == pytest.approx(-0.81) and hi > 1.9, (lo, hi)
+
+
+def test_saturating_relu6_keeps_six() -> None:
+    """Mass piled at exactly 6 (a saturating ReLU6) stays inside the range."""
+    rng = np.random.default_rng(5)
+    x = np.minimum(np.abs(rng.normal(0, 3.0, 400_000)), 6.0)
+    assert (x == 6.0).mean() > 0.02
+    assert _range(x)[1] == pytest.approx(6.0, abs=0.01)

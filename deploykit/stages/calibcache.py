@@ -35,7 +35,7 @@ import numpy as np
 from deploykit.fsutil import sha256_file, write_text_atomic
 from deploykit.harness.datasets import Dataset
 
-SCHEMA_VERSION = 3  # 2: entropy on a 2048-bin histogram; 3: deploykit's KL search
+SCHEMA_VERSION = 4  # 2: entropy on 2048 bins; 3: KL search over |x|; 4: point masses kept
 ENV_VAR = "DEPLOYKIT_CACHE_DIR"
 
 Ranges = dict[str, tuple[float, float]]

@@ -28,6 +28,8 @@ import numpy as np
 LEVELS = 128
 MAX_CANDIDATES = 2048
 SMOOTHING = 1e-4
+SPIKE_SHARE = 0.01
+SPIKE_RATIO = 10.0
 
 
 def kl_threshold_bins(hist_abs: np.ndarray, levels: int = LEVELS) -> int:
@@ -43,6 +45,7 @@ def kl_threshold_bins(hist_abs: np.ndarray, levels: int = LEVELS) -> int:
     if n <= levels:
         return n
     bins[0] = bins[1]
+    floor = _flatten_spikes(bins)
     total = bins.sum()
     if total <= 0:
         return n
@@ -51,8 +54,9 @@ def kl_threshold_bins(hist_abs: np.ndarray, levels: int = LEVELS) -> int:
     best_i, best = n, np.inf
     # A histogram that grew while merging batches can be far longer than the search
     # needs; candidates are spaced so that at most MAX_CANDIDATES are tried.
-    stride = max(1, (n - levels) // MAX_CANDIDATES)
-    for i in range(levels, n + 1, stride):
+    first = max(levels, floor)
+    stride = max(1, (n - first) // MAX_CANDIDATES)
+    for i in range(first, n + 1, stride):
         kept = bins[:i]
         group = (np.arange(i) * levels) // i
         mass = np.bincount(group, weights=kept, minlength=levels)
@@ -90,3 +94,25 @@ def entropy_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> 
     width = float(edges[1] - edges[0])
     t = kl_threshold_bins(magnitude) * width
     return max(float(lo), -t), min(float(hi), t)
+
+
+def _flatten_spikes(bins: np.ndarray) -> int:
+    """Flatten point masses in place; return the fewest bins that keep them all in range.
+
+    A spike is a bin holding at least SPIKE_SHARE of the mass and SPIKE_RATIO times
+    both neighbours: one exact value (a constant image background after normalisation,
+    a ReLU6 saturating at 6). The KL search compares shapes; a spike merged with its
+    neighbours looks like a large divergence wherever the cut falls, so the search would
+    pick the cut that isolates it and clip everything beyond (the 28x28 Fashion-MNIST
+    input clipped at its background value, 0.81 of 2.02). Like TensorRT's zero bin, a
+    spike gets its neighbours' count for the search, and the threshold must keep it.
+    """
+    total = bins.sum()
+    if total <= 0 or bins.size < 3:
+        return 0
+    padded = np.concatenate([[0.0], bins, [0.0]])
+    neighbours = np.maximum(padded[:-2], padded[2:])
+    spikes = np.flatnonzero((bins >= SPIKE_SHARE * total) & (bins >= SPIKE_RATIO * neighbours))
+    for k in spikes:
+        bins[k] = neighbours[k]
+    return int(spikes.max()) + 1 if spikes.size else 0
