@@ -192,6 +192,21 @@ def test_a_conv_without_bias_gets_an_int32_one(tmp_path: Path) -> None:
     assert numbers[1][0] < 0.8 * numbers[0][0]
 
 
+def test_openvino_encoding_corrects_existing_biases_only(tmp_path: Path) -> None:
+    """No new bias Add for OpenVINO: it would keep the dequantization as a post-op."""
+    net = _dw_net(tmp_path / "net.onnx", bias=False)
+    options = CalibrationOptions(encoding="mixed", bias_correction=True)
+    report = calibrate_onnx(net, tmp_path / "q.onnx", _data(), options)
+    assert report.bias_correction["layers_corrected"] == 1  # the Gemm, which has a bias
+    skipped = report.bias_correction["skipped"]
+    assert len(skipped) == 5 and set(skipped.values()) == {"no bias (existing biases only)"}
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Conv")
+    with_bias = _dw_net(tmp_path / "biased.onnx", bias=True)
+    report = calibrate_onnx(with_bias, tmp_path / "qb.onnx", _data(), options)
+    assert report.bias_correction["layers_corrected"] == 6
+
+
 def test_excluded_layers_are_not_corrected(tmp_path: Path) -> None:
     net = _dw_net(tmp_path / "net.onnx")
     options = CalibrationOptions(bias_correction=True, nodes_to_exclude=("dw1",))

@@ -13,7 +13,9 @@ the FP32 model and in the Q/DQ model, and the difference is added to the bias:
   fusion into integer kernels still applies;
 - a float bias initializer is shifted in place;
 - a Conv without a bias gets an int32 bias and its DequantizeLinear when its
-  input and weight scales are plain initializers (otherwise it is left alone).
+  input and weight scales are plain initializers (otherwise it is left alone),
+  unless the caller asks to correct existing biases only (`add_missing=False`,
+  what the OpenVINO encoding does: see `deploykit.stages.calibrate`).
 
 The layers are corrected in topological order and each one is measured with
 every upstream layer already corrected: the Q/DQ graph is cut after each
@@ -131,7 +133,11 @@ def decide(option: bool | None, float_model: Any) -> tuple[bool, str]:
 
 
 def correct_biases(
-    float_path: Path, qdq_model: Any, inputs: np.ndarray, reason: str = "on (requested)"
+    float_path: Path,
+    qdq_model: Any,
+    inputs: np.ndarray,
+    reason: str = "on (requested)",
+    add_missing: bool = True,
 ) -> BiasCorrectionReport:
     """Shift the biases of `qdq_model` (in place) so per-channel means match `float_path`.
 
@@ -142,6 +148,8 @@ def correct_biases(
             initializers are edited.
         inputs: Calibration inputs (NCHW float32); the first MAX_SAMPLES are used.
         reason: Why correction runs, recorded in the report.
+        add_missing: Give a Conv without a bias a new one; False corrects existing
+            biases only (the Conv is listed in the report's skipped layers).
 
     Returns:
         What was corrected and by how much.
@@ -151,7 +159,7 @@ def correct_biases(
     started = time.perf_counter()
     inputs = inputs[: max(MAX_SAMPLES, _batch_size(qdq_model)[0])]
     float_model = onnx.load(str(float_path))
-    targets, skipped = _targets(float_model, qdq_model)
+    targets, skipped = _targets(float_model, qdq_model, add_missing)
     report = BiasCorrectionReport(applied=False, reason=reason, skipped=skipped)
     if not targets:
         report.reason += "; no quantized Conv/Gemm to correct"
@@ -295,7 +303,9 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
-def _targets(float_model: Any, qdq_model: Any) -> tuple[list[_Target], dict[str, str]]:
+def _targets(
+    float_model: Any, qdq_model: Any, add_missing: bool = True
+) -> tuple[list[_Target], dict[str, str]]:
     """Conv/Gemm nodes of `qdq_model` with a quantized weight, matched by name to FP32 nodes."""
     float_nodes = {n.name: n for n in float_model.graph.node if n.name}
     producers = {out: n for n in qdq_model.graph.node for out in n.output}
@@ -324,6 +334,8 @@ def _targets(float_model: Any, qdq_model: Any) -> tuple[list[_Target], dict[str,
             why = "bias is neither an initializer nor an int32 DequantizeLinear"
         elif not bias and node.op_type != "Conv":
             why = "Gemm without a bias"
+        elif not bias and not add_missing:
+            why = "no bias (existing biases only)"
         elif channels is None or not all(i in inits for i in weight_dq.input):
             why = "weight is not a quantized initializer"
         if why:
