@@ -166,7 +166,7 @@ def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
     from deploykit.stages import ovqdq
 
     model = onnx.load(str(qdq["u8s8"]))  # MaxPool shares its input's Q/DQ parameters there
-    assert ovqdq.drop_requantize(model) == 3
+    assert ovqdq.drop_maxpool_requantize(model) == 3
     x = synthetic_images(InputContract(height=64, width=64), 4, seed=5)
     outs = []
     for candidate in (qdq["u8s8"].read_bytes(), model.SerializeToString()):
@@ -174,60 +174,6 @@ def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
         name = session.get_inputs()[0].name
         outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def shuffle_mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    result = api.calibrate(
-        "shufflenet_v2_x1_0",
-        "synthetic",
-        tmp_path_factory.mktemp("shuffle"),
-        samples=8,
-        encoding="mixed",
-        input_size=(64, 64),
-    )
-    return Path(result["out"]) / "model.int8.qdq.onnx"
-
-
-def test_mixed_channel_shuffle_is_not_requantized(shuffle_mixed: Path) -> None:
-    """Concat, channel shuffle and Split share one quantizer, as NNCF's unified scales do."""
-    from deploykit.stages.ovqdq import MOVEMENT_OPS
-
-    model = onnx.load(str(shuffle_mixed))
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    producers = {out: n for n in model.graph.node for out in n.output}
-    assert sum(n.op_type == "Split" for n in model.graph.node) == 13
-    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
-        source = producers.get(q.input[0])
-        assert source is None or source.op_type not in MOVEMENT_OPS, q.name
-    dq_scale = {
-        n.output[0]: float(inits[n.input[1]])
-        for n in model.graph.node
-        if n.op_type == "DequantizeLinear" and inits[n.input[1]].size == 1
-    }
-
-    def scale_of(name: str) -> float:  # through data movement back to its DequantizeLinear
-        node = producers[name]
-        return dq_scale[name] if node.op_type == "DequantizeLinear" else scale_of(node.input[0])
-
-    for concat in (n for n in model.graph.node if n.op_type == "Concat"):
-        assert len({scale_of(name) for name in concat.input}) == 1, concat.name
-
-
-@pytest.mark.openvino
-def test_openvino_runs_the_channel_shuffle_without_requantizing(shuffle_mixed: Path) -> None:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(
-        str(shuffle_mixed), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    standalone = [
-        op.get_friendly_name()
-        for op in compiled.get_runtime_model().get_ordered_ops()
-        if op.get_rt_info()["layerType"].astype(str) == "Subgraph"
-        and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")
-    ]
-    assert not standalone, f"requantized INT8 data: {standalone}"
 
 
 def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:

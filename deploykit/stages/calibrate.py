@@ -448,9 +448,7 @@ def _write_qdq(
     }
     if encoding == "mixed":
         op_types = [op for op in op_types if op in MIXED_OPS]
-        stats = CalibrationStats(
-            stats.method, stats.percentile, ovqdq.unified_ranges(prep.model, stats.ranges)
-        )
+        stats = CalibrationStats(stats.method, stats.percentile, _unified_concat(prep, stats))
         extra["OpTypesToExcludeOutputQuantization"] = list(MIXED_OPS)
         extra["TensorQuantOverrides"] = {
             tensor: [{"quant_type": QuantType.QInt8, "symmetric": True}]
@@ -477,8 +475,22 @@ def _write_qdq(
     model = quantizer.model.model
     if encoding == "mixed":
         ovqdq.quantize_pool_inputs(model, stats.ranges)
-        ovqdq.drop_requantize(model)
+        ovqdq.drop_maxpool_requantize(model)
     return model
+
+
+def _unified_concat(prep: _Prepared, stats: CalibrationStats) -> dict[str, tuple[float, float]]:
+    """Ranges where every Concat's inputs and output share the union of their ranges."""
+    ranges = dict(stats.ranges)
+    for node in prep.model.graph.node:
+        if node.op_type != "Concat":
+            continue
+        names = [t for t in (*node.input, *node.output) if t in ranges]
+        if names:
+            lo = min(ranges[t][0] for t in names)
+            hi = max(ranges[t][1] for t in names)
+            ranges.update({t: (lo, hi) for t in names})
+    return ranges
 
 
 @contextlib.contextmanager
