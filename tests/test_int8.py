@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -174,6 +175,67 @@ def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
         name = session.get_inputs()[0].name
         outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shuffle_mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    result = api.calibrate(
+        "shufflenet_v2_x1_0",
+        "synthetic",
+        tmp_path_factory.mktemp("shuffle"),
+        samples=8,
+        encoding="mixed",
+        input_size=(64, 64),
+    )
+    return Path(result["out"]) / "model.int8.qdq.onnx"
+
+
+def test_mixed_channel_split_keeps_its_source_range(shuffle_mixed: Path) -> None:
+    """Each Split output is quantized with the range its data came through (no requant)."""
+    from deploykit.stages.ovqdq import SHAPE_OPS
+
+    model = onnx.load(str(shuffle_mixed))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def source_scales(name: str) -> set[float]:  # back through shape ops and Concat
+        node = producers[name]
+        if node.op_type == "DequantizeLinear":
+            return {float(inits[node.input[1]])}
+        if node.op_type in SHAPE_OPS:
+            return source_scales(node.input[0])
+        assert node.op_type == "Concat", node.op_type
+        return set().union(*(source_scales(i) for i in node.input))
+
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert len(splits) == 13
+    for split in splits:
+        source = source_scales(split.input[0])
+        assert len(source) == 1, split.name
+        for out in split.output:
+            for q in consumers[out]:
+                assert q.op_type == "QuantizeLinear"
+                assert {float(inits[q.input[1]])} == source, (split.name, out)
+
+
+@pytest.mark.openvino
+def test_openvino_runs_the_channel_shuffle_without_requantizing(shuffle_mixed: Path) -> None:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(shuffle_mixed), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    standalone = [
+        op.get_friendly_name()
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Subgraph"
+        and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")
+    ]
+    assert not standalone, f"requantized INT8 data: {standalone}"
 
 
 def test_calibration_is_deterministic(qdq: dict[str, Path], tmp_path: Path) -> None:

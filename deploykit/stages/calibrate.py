@@ -480,12 +480,23 @@ def _write_qdq(
 
 
 def _unified_concat(prep: _Prepared, stats: CalibrationStats) -> dict[str, tuple[float, float]]:
-    """Ranges where every Concat's inputs and output share the union of their ranges."""
+    """Ranges where every Concat's inputs and output share the union of their ranges.
+
+    Around a channel split (ShuffleNet v2: Concat -> channel shuffle -> Split -> the
+    next Concat) the sharing is closed transitively by `ovqdq.split_groups`, so nothing
+    is requantized after the Split.
+    """
     ranges = dict(stats.ranges)
     for node in prep.model.graph.node:
         if node.op_type != "Concat":
             continue
         names = [t for t in (*node.input, *node.output) if t in ranges]
+        if names:
+            lo = min(ranges[t][0] for t in names)
+            hi = max(ranges[t][1] for t in names)
+            ranges.update({t: (lo, hi) for t in names})
+    for group in ovqdq.split_groups(prep.model):
+        names = [t for t in group if t in ranges]
         if names:
             lo = min(ranges[t][0] for t in names)
             hi = max(ranges[t][1] for t in names)

@@ -20,12 +20,16 @@ they run NNCF's placement.
   a bias Add sits between them (see the bias-correction note in
   :mod:`deploykit.stages.calibrate`); storing the weights in float behind a Q/DQ
   pair, as a FakeQuantize, would do the same at four times the file size.
-- Not done: sharing one range across a Concat, the channel shuffle and the Split
-  that feeds the next Concat (NNCF's transitive unified scales). It removed
-  ShuffleNet v2's 11 requantizations after its Splits (1.899 -> 1.849 ms, NNCF
-  1.826 ms) but, closed over DPN's dual paths, lowered that random-weight
-  model's INT8 cosine from 0.992 to 0.982; bounding how far a group may widen
-  kept DPN (0.991) but left ShuffleNet 23 requantizations.
+- **One range around a channel split.** ShuffleNet v2 splits the shuffled output
+  of one Concat and feeds a half to the next Concat; with a range per Concat
+  OpenVINO requantized after every Split (11 standalone requantizations NNCF's
+  graph does not have). `split_groups` links each Split to the Concats and
+  shape ops around it, transitively, and the mixed writer gives each group one
+  range (NNCF's unified scales), so the Q/DQ after a Split repeats its source's
+  and OpenVINO drops it. Closing every Concat transitively instead (no Split
+  needed) also lowered DPN's random-weight INT8 cosine from 0.992 to 0.982:
+  its dual paths would share one range; DPN has no Split, so it keeps a range
+  per Concat.
 
 Measured with OpenVINO 2026.4 on a 2-core AVX-512-VNNI/AMX Xeon: see the
 ``mixed`` notes in :mod:`deploykit.stages.calibrate`.
@@ -39,6 +43,45 @@ import numpy as np
 
 # Pooling ops whose input the mixed encoding quantizes when ONNX Runtime did not.
 POOL_OPS = ("AveragePool", "GlobalAveragePool", "MaxPool", "ReduceMean")
+# Ops that only change a tensor's shape or order (the values stay the same).
+SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Transpose", "Unsqueeze")
+
+
+def split_groups(model: Any) -> list[set[str]]:
+    """Groups of tensors that share one range because a Split connects them.
+
+    Tensors are linked across Concat (inputs and output), Split (input and outputs)
+    and shape ops (input and output); a group is a connected set of those links that
+    contains a Split. Groups without a Split are not returned: there a range per
+    Concat is kept.
+    """
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        parent.setdefault(t, t)
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    split_inputs = []
+    for node in model.graph.node:
+        if node.op_type == "Concat":
+            linked = [*node.input, *node.output]
+        elif node.op_type in ("Split", *SHAPE_OPS) and node.input:
+            linked = [node.input[0], *node.output]
+            if node.op_type == "Split":
+                split_inputs.append(node.input[0])
+        else:
+            continue
+        for t in linked[1:]:
+            parent[find(t)] = find(linked[0])
+    roots = {find(t) for t in split_inputs}
+    groups: dict[str, set[str]] = {}
+    for t in list(parent):
+        if find(t) in roots:
+            groups.setdefault(find(t), set()).add(t)
+    return list(groups.values())
 
 
 def _index(model: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
