@@ -486,16 +486,10 @@ def _unified_concat(prep: _Prepared, stats: CalibrationStats) -> dict[str, tuple
     next Concat) the sharing is closed transitively by `ovqdq.split_groups`, so nothing
     is requantized after the Split.
     """
+    concats = [[*n.input, *n.output] for n in prep.model.graph.node if n.op_type == "Concat"]
     ranges = dict(stats.ranges)
-    for node in prep.model.graph.node:
-        if node.op_type != "Concat":
-            continue
-        names = [t for t in (*node.input, *node.output) if t in ranges]
-        if names:
-            lo = min(ranges[t][0] for t in names)
-            hi = max(ranges[t][1] for t in names)
-            ranges.update({t: (lo, hi) for t in names})
-    for group in ovqdq.split_groups(prep.model):
+    # Each Concat in graph order, then each split group, takes the union of its ranges.
+    for group in [*concats, *ovqdq.split_groups(prep.model)]:
         names = [t for t in group if t in ranges]
         if names:
             lo = min(ranges[t][0] for t in names)
