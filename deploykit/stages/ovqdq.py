@@ -200,13 +200,14 @@ def drop_maxpool_requantize(model: Any) -> int:
     """Remove Q/DQ pairs on MaxPool outputs that repeat the Q/DQ on the MaxPool's input.
 
     Returns:
-        How many pairs were removed.
+        How many QuantizeLinear nodes were removed (each with all its DequantizeLinear).
     """
     graph = model.graph
     producers, consumers, inits = _index(model)
     outputs = {out.name for out in graph.output}
     drop: set[int] = set()
     rename: dict[str, str] = {}
+    removed = 0
     for pool in graph.node:
         if pool.op_type != "MaxPool" or len(pool.output) != 1:
             continue
@@ -222,6 +223,7 @@ def drop_maxpool_requantize(model: Any) -> int:
             ):
                 continue
             drop.add(id(q))
+            removed += 1
             for dq in dqs:
                 drop.add(id(dq))
                 rename[dq.output[0]] = pool.output[0]
@@ -234,4 +236,4 @@ def drop_maxpool_requantize(model: Any) -> int:
                 node.input[i] = rename[name]
     del graph.node[:]
     graph.node.extend(kept)
-    return len(drop) // 2
+    return removed
