@@ -24,11 +24,20 @@ from deploykit.harness.environment import cpu_info, versions
 from deploykit.models.catalogue import list_models
 
 
-def _run(model: str, target: str, precision: str, method: str, per_channel: bool, out: str) -> Any:
+def _run(
+    model: str,
+    target: str,
+    precision: str,
+    method: str,
+    per_channel: bool,
+    out: str,
+    quantizer: str = "deploykit",
+) -> Any:
     request = api.ExportRequest(
         model=model,
         target=target,
         precision=precision,
+        quantizer=quantizer,
         calib_method=method,
         per_channel=per_channel,
         out=out,
@@ -54,6 +63,11 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=["minmax", "entropy", "percentile"])
     parser.add_argument(
         "--weights", choices=["per-channel", "per-tensor", "both"], default="per-channel"
+    )
+    parser.add_argument(
+        "--quantizer",
+        default="deploykit",
+        help="INT8 quantizer: deploykit, or the backend's own (nncf for openvino)",
     )
     parser.add_argument("--no-fp32", action="store_true", help="skip the FP32 rows")
     parser.add_argument("--markdown", type=Path)
@@ -86,14 +100,18 @@ def main() -> int:
                         method if method != "-" else "minmax",
                         per_channel,
                         out,
+                        args.quantizer if precision == "int8" else "deploykit",
                     )
+                    # A native quantizer's rows are labelled by it (it picks its own ranges).
+                    native = precision == "int8" and args.quantizer != "deploykit"
+                    label = args.quantizer if native else method
                     for name, acc in (report.accuracy or {}).items():
                         rows.append(
                             {
                                 "model": model,
                                 "target": target,
                                 "precision": precision,
-                                "method": method,
+                                "method": label,
                                 "weights": "per-channel" if per_channel else "per-tensor",
                                 "set": name,
                                 **{
