@@ -93,6 +93,13 @@ def main() -> int:
                 configs += [("int8", m, pc) for m in args.methods for pc in weights]
                 for precision, method, per_channel in configs:
                     started = time.perf_counter()
+                    # A native quantizer's rows are labelled by it: "nncf" is its default
+                    # ranging (what --calib-method minmax asks of it), "nncf percentile" not.
+                    native = precision == "int8" and args.quantizer != "deploykit"
+                    label = method
+                    if native:
+                        label = args.quantizer
+                        label += "" if method == "minmax" else f" {method}"
                     report = _run(
                         model,
                         target,
@@ -100,11 +107,8 @@ def main() -> int:
                         method if method != "-" else "minmax",
                         per_channel,
                         out,
-                        args.quantizer if precision == "int8" else "deploykit",
+                        args.quantizer if native else "deploykit",
                     )
-                    # A native quantizer's rows are labelled by it (it picks its own ranges).
-                    native = precision == "int8" and args.quantizer != "deploykit"
-                    label = args.quantizer if native else method
                     for name, acc in (report.accuracy or {}).items():
                         rows.append(
                             {
