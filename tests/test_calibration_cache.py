@@ -19,6 +19,7 @@ from deploykit.harness.datasets import Dataset
 from deploykit.stages import calibcache, calibrate
 from deploykit.stages.calibrate import (
     CalibrationOptions,
+    CalibrationStats,
     calibrate_onnx,
     collect_statistics,
     write_qdq,
@@ -29,13 +30,18 @@ pytestmark = pytest.mark.onnxruntime
 SIZE = 12
 
 
-def _net(path: Path, seed: int = 0) -> Path:
-    """Conv-ReLU, depthwise Conv-ReLU, 1x1 Conv, global pool, Gemm: a few kB, random weights."""
+def _net(path: Path, seed: int = 0, linear_pw: bool = False) -> Path:
+    """Conv-ReLU, depthwise Conv-ReLU, 1x1 Conv, global pool, Gemm: a few kB, random weights.
+
+    With `linear_pw` the 1x1 Conv has no ReLU (a linear bottleneck: a signed tensor).
+    """
     rng = np.random.default_rng(seed)
     inits: list[Any] = []
     nodes: list[Any] = []
 
-    def conv(name: str, x: str, cin: int, cout: int, k: int, group: int = 1) -> str:
+    def conv(
+        name: str, x: str, cin: int, cout: int, k: int, group: int = 1, relu: bool = True
+    ) -> str:
         w = rng.normal(0.0, (2.0 / (cin // group * k * k)) ** 0.5, (cout, cin // group, k, k))
         b = rng.normal(0.0, 0.1, cout)
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"{name}.w"))
@@ -51,12 +57,14 @@ def _net(path: Path, seed: int = 0) -> Path:
                 group=group,
             )
         )
+        if not relu:
+            return name
         nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}_relu"))
         return f"{name}.relu"
 
     x = conv("stem", "input", 3, 8, 3)
     x = conv("dw", x, 8, 8, 3, group=8)
-    x = conv("pw", x, 8, 8, 1)
+    x = conv("pw", x, 8, 8, 1, relu=not linear_pw)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
     inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (5, 8)).astype(np.float32), "fc.w"))
@@ -320,6 +328,18 @@ def test_both_encodings_come_from_one_collection(net: Path, tmp_path: Path) -> N
     assert s8 and all(z.dtype == np.int8 and not np.any(z) for z in s8)
     assert u8 and all(z.dtype == np.uint8 for z in u8)
     assert len({int(z) for z in u8}) > 1  # asymmetric: ReLU outputs sit at 0, others do not
+    # A signed tensor sits on the symmetric INT8 grid (what OpenVINO's mixed file uses),
+    # shifted to UINT8: zero point 128, scale max(|lo|, |hi|) / 127.
+    u8_model = onnx.load(str(tmp_path / "u8s8.onnx"))
+    u8_inits = {t.name: numpy_helper.to_array(t) for t in u8_model.graph.initializer}
+    signed = [t for t, (lo, _) in stats.ranges.items() if lo < 0]
+    assert "input" in signed
+    for node in u8_model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in signed:
+            assert int(u8_inits[node.input[2]]) == 128, node.input[0]
+            assert float(u8_inits[node.input[1]]) == pytest.approx(
+                stats.symmetric_amax(node.input[0]) / 127, rel=1e-6
+            )
     s8_scales, u8_scales = (
         _weight_scales(tmp_path / "s8s8.onnx"),
         _weight_scales(tmp_path / "u8s8.onnx"),
@@ -335,6 +355,82 @@ def test_both_encodings_come_from_one_collection(net: Path, tmp_path: Path) -> N
         n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input"
     )
     assert inits[q_input.input[1]] == pytest.approx(stats.symmetric_amax("input") / 127, rel=1e-6)
+
+
+def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path) -> None:
+    """u8s8 (ONNX Runtime) and mixed (OpenVINO) quantize each tensor on the same grid.
+
+    Then the two backends' models of one calibration compute the same function up to
+    kernel rounding; a u8s8 file with ONNX Runtime's own asymmetric grid on a signed
+    tensor (the linear 1x1 output here) would fail.
+    """
+    net = _net(tmp_path / "linear.onnx", linear_pw=True)
+    stats = collect_statistics(net, _data(), CalibrationOptions())
+    grids = {}
+    for encoding in ("u8s8", "mixed"):
+        model = write_qdq(net, stats, tmp_path / f"{encoding}.onnx", encoding)
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        grids[encoding] = {
+            n.input[0]: (float(inits[n.input[1]]), inits[n.input[2]])
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+        }
+        assert "logits" not in grids[encoding]  # the graph output stays float
+    signed = {t for t, (lo, _) in stats.ranges.items() if lo < 0}
+    shared = grids["u8s8"].keys() & grids["mixed"].keys()
+    assert {"input", "pw"} <= shared & signed
+    assert shared - signed  # and some ReLU outputs
+    for tensor in shared:
+        (u8_scale, u8_zero), (mixed_scale, mixed_zero) = (
+            grids["u8s8"][tensor],
+            grids["mixed"][tensor],
+        )
+        assert u8_scale == pytest.approx(mixed_scale, rel=1e-6), tensor
+        assert u8_zero.dtype == np.uint8
+        assert int(u8_zero) - int(mixed_zero) == (128 if tensor in signed else 0), tensor
+        assert mixed_zero.dtype == (np.int8 if tensor in signed else np.uint8), tensor
+
+
+def test_float_outputs_keeps_a_conv_output_quantized_for_onnxruntime(tmp_path: Path) -> None:
+    """ONNX Runtime fuses a QLinearConv only with a Q on its output: u8s8 keeps that one."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    stats = CalibrationStats("minmax", None, {"x": (-1.0, 1.0), "y": (-3.0, 3.0)})
+    quantizer = QDQQuantizer(
+        model,
+        True,
+        False,
+        QuantType.QInt8,
+        QuantType.QUInt8,
+        stats.tensors_data(),
+        [],
+        [],
+        ["Conv"],
+        {"WeightSymmetric": True},
+    )
+    quantizer.quantize_model()
+    quantizer.model.topological_sort()
+    quantized = quantizer.model.model
+    kept = onnx.ModelProto()
+    kept.CopyFrom(quantized)
+    assert calibrate.float_outputs(kept, keep_conv=True) == []
+    assert [n.op_type for n in kept.graph.node].count("QuantizeLinear") == 2
+    assert calibrate.float_outputs(quantized, keep_conv=False) == ["y"]
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("QuantizeLinear") == 1  # the input's
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    assert list(conv.output) == ["y"]
+    onnx.checker.check_model(quantized)
 
 
 # Not entropy: quantize_static cannot pass a histogram size, and with its default
@@ -355,6 +451,23 @@ def test_cached_statistics_write_what_quantize_static_writes(
     data = _data()
     options = CalibrationOptions(method=method, encoding=encoding, bias_correction=False)
     calibrate_onnx(net, tmp_path / "warm.onnx", data, options)
+    # deploykit's two departures from quantize_static's defaults, given to it as options:
+    # u8s8 puts signed tensors on the symmetric INT8 grid (from a fresh collection, not
+    # the cache under test), and every encoding keeps the graph output float.
+    overrides = {}
+    if encoding == "u8s8":
+        fresh = collect_statistics(net, data, options)
+        overrides = {
+            t: [
+                {
+                    "quant_type": QuantType.QUInt8,
+                    "scale": np.array(fresh.symmetric_amax(t) / 127, dtype=np.float32),
+                    "zero_point": np.array(128, dtype=np.uint8),
+                }
+            ]
+            for t, (lo, _) in fresh.ranges.items()
+            if lo < 0
+        }
     with pytest.MonkeyPatch.context() as patch:
         _forbid_collection(patch)
         report = calibrate_onnx(net, tmp_path / "cached.onnx", data, options)
@@ -384,8 +497,12 @@ def test_cached_statistics_write_what_quantize_static_writes(
                 "ActivationSymmetric": encoding == "s8s8",
                 "WeightSymmetric": True,
                 "CalibPercentile": 99.999,
+                "TensorQuantOverrides": overrides,
             },
         )
+    direct = onnx.load(str(tmp_path / "direct.onnx"))
+    assert calibrate.float_outputs(direct, keep_conv=encoding == "u8s8") == ["logits"]
+    onnx.save(direct, str(tmp_path / "direct.onnx"))
     _assert_same_initializers(tmp_path / "direct.onnx", tmp_path / "cached.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "direct.onnx")).graph.node]
     assert sorted(ops) == sorted(

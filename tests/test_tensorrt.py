@@ -141,7 +141,7 @@ def test_fp16_check_fails_when_values_leave_fp16_range(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Q/DQ rules
 
 
-def test_symmetric_qdq_passes_after_bias_folding_with_identical_outputs(
+def test_symmetric_qdq_passes_after_bias_folding_with_the_same_outputs(
     fused: tuple[Path, InputContract], qdq_models: dict[str, Path], tmp_path: Path
 ) -> None:
     from deploykit.harness.datasets import Dataset
@@ -163,7 +163,9 @@ def test_symmetric_qdq_passes_after_bias_folding_with_identical_outputs(
     assert after.int8_layers >= 4 and after.per_channel_weights >= 3 and not after.float_layers
     x = synthetic_images(InputContract(height=SIZE, width=SIZE, num_classes=10), 2)
     a, b = OrtSession(src).run(x[:1]), OrtSession(dst).run(x[:1])
-    np.testing.assert_array_equal(a, b)
+    # The logits are float (no output Q/DQ): the classifier adds its bias in the integer
+    # accumulator in one file and in float in the other, so they match to float rounding.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_asymmetric_uint8_qdq_is_rejected(qdq_models: dict[str, Path]) -> None:
