@@ -533,11 +533,9 @@ def float_outputs(model: Any, keep_conv: bool) -> list[str]:
     changed = []
     for output in graph.output:
         dq = producers.get(output.name)
-        q = (
-            producers.get(dq.input[0])
-            if dq is not None and dq.op_type == "DequantizeLinear"
-            else None
-        )
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or consumers.get(dq.input[0]) != [dq]:
             continue
         source = q.input[0]
