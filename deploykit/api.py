@@ -104,7 +104,11 @@ class ExportRequest:
     out: str = "out"
     calib: str | None = None
     calib_method: str = "minmax"
-    calib_samples: int = 128
+    # 256: on the real-weight EfficientNet-Lite0 (its 256-view calibration set, 1,024
+    # natural-image views, onnxruntime 1.32 / OpenVINO 2026.4) the INT8 logits' cosine
+    # against FP32 rose from 0.99805 / 0.99815 with 128 inputs to 0.99835 / 0.99841, and
+    # top-5 overlap from 96.4% / 96.3% to 96.9% / 96.7%. NNCF's default is 300.
+    calib_samples: int = 256
     calib_percentile: float = 99.999
     per_channel: bool = True
     bias_correction: bool | None = None
@@ -637,7 +641,7 @@ def calibrate(
     calib: str,
     out: str | Path,
     method: str = "minmax",
-    samples: int = 128,
+    samples: int = 256,
     percentile: float = 99.999,
     encoding: str = "s8s8",
     per_channel: bool = True,

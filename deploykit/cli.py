@@ -62,7 +62,7 @@ def _calibration_options(func: Any) -> Any:
             show_default=True,
             help="Calibration statistics.",
         ),
-        click.option("--calib-samples", type=int, default=128, show_default=True),
+        click.option("--calib-samples", type=int, default=256, show_default=True),
         click.option("--calib-percentile", type=float, default=99.999, show_default=True),
         click.option(
             "--per-tensor",

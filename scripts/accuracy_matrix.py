@@ -175,8 +175,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['set']} | {r['target']} | {r['precision']} | {r['method']} | "
             f"{r['weights']} | {r['samples']} | {_fmt(r['top1'])} | {_fmt(r['top5'])} | "
-            f"{_fmt(r['fp32_top1'])} | {_fmt(r['drop'])} | {_fmt(r['top1_agreement'], 1)} | "
-            f"{_fmt(r['top5_overlap'], 1)} |"
+            f"{_fmt(r['fp32_top1'])} | {_fmt(r['drop'])} | {_fmt(r['top1_agreement'])} | "
+            f"{_fmt(r['top5_overlap'])} |"
         )
     return "\n".join(lines) + "\n"
 

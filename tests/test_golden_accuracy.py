@@ -54,7 +54,7 @@ def test_golden_accuracy(key: str, tmp_path: Path) -> None:
         target=config["target"],
         precision=config["precision"],
         calib_method=config.get("calib_method", "minmax"),
-        calib_samples=config.get("calib_samples", 128),
+        calib_samples=config.get("calib_samples", 256),
         per_channel=config.get("per_channel", True),
         out=str(tmp_path),
         runs=3,

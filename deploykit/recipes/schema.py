@@ -127,7 +127,7 @@ class CalibrationSection(_Section):
     method: Literal["minmax", "entropy", "percentile"] = Field(
         default="minmax", description="Calibration statistics."
     )
-    samples: int = Field(default=128, ge=1, description="Number of calibration inputs.")
+    samples: int = Field(default=256, ge=1, description="Number of calibration inputs.")
     percentile: float = Field(
         default=99.999, gt=0, le=100, description="Percentile for method 'percentile'."
     )
