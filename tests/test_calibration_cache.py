@@ -357,6 +357,34 @@ def test_both_encodings_come_from_one_collection(net: Path, tmp_path: Path) -> N
     assert inits[q_input.input[1]] == pytest.approx(stats.symmetric_amax("input") / 127, rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_statistics_fed_in_groups_match_one_pass(
+    method: str, net: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Histogram calibrators are fed a few inputs at a time (memory) and merge the groups."""
+    data = _data(count=12)
+    options = CalibrationOptions(method=method)
+    whole = collect_statistics(net, data, options)
+    monkeypatch.setattr(calibrate, "HISTOGRAM_INPUTS", 4)
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    calls = []
+    original = HistogramCalibrater.collect_data
+
+    def counted(self: Any, reader: Any) -> None:
+        calls.append(reader)
+        original(self, reader)
+
+    monkeypatch.setattr(HistogramCalibrater, "collect_data", counted)
+    grouped = collect_statistics(net, data, options)
+    assert len(calls) == 3
+    assert grouped.ranges.keys() == whole.ranges.keys()
+    for tensor, (lo, hi) in whole.ranges.items():
+        span = max(hi - lo, 1e-6)
+        assert abs(grouped.ranges[tensor][0] - lo) <= 1e-3 * span, tensor
+        assert abs(grouped.ranges[tensor][1] - hi) <= 1e-3 * span, tensor
+
+
 def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path) -> None:
     """u8s8 (ONNX Runtime) and mixed (OpenVINO) quantize each tensor on the same grid.
 
