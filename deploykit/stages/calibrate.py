@@ -591,11 +591,7 @@ def float_outputs(model: Any, keep_conv: bool) -> list[str]:
         The graph outputs that were made float.
     """
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers, _ = ovqdq.graph_index(model)
     outputs = {out.name for out in graph.output}
     changed = []
     for output in graph.output:

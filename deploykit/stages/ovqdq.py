@@ -84,7 +84,7 @@ def split_groups(model: Any) -> list[set[str]]:
     return list(groups.values())
 
 
-def _index(model: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
+def graph_index(model: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
     """(producer of each tensor, consumers of each tensor, initializers by name)."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
@@ -134,7 +134,7 @@ def quantize_pool_inputs(model: Any, ranges: dict[str, tuple[float, float]]) -> 
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    producers, consumers, _ = _index(model)
+    producers, consumers, _ = graph_index(model)
     done: dict[str, str] = {}  # float tensor -> its DequantizeLinear output
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
@@ -203,7 +203,7 @@ def drop_maxpool_requantize(model: Any) -> int:
         How many QuantizeLinear nodes were removed (each with all its DequantizeLinear).
     """
     graph = model.graph
-    producers, consumers, inits = _index(model)
+    producers, consumers, inits = graph_index(model)
     outputs = {out.name for out in graph.output}
     drop: set[int] = set()
     rename: dict[str, str] = {}
