@@ -11,9 +11,11 @@ halves:
    DequantizeLinear pairs from those ranges, with per-channel symmetric INT8
    weights, in the activation encoding each backend runs best (see ENCODINGS).
 
-The ranges are collected exactly as ``quantize_static`` collects them, so every
+The ranges are collected exactly as ``quantize_static`` collects them (histogram
+methods a group of inputs at a time, into the bins one pass would use), so every
 encoding derives from one collection and, for minmax and percentile, equals what
-``quantize_static`` writes:
+``quantize_static`` writes given deploykit's two departures below (the signed u8s8
+grid, float graph outputs):
 
 - minmax: the calibrator runs with ``symmetric=False`` and returns the observed
   ``[min, max]``;
@@ -28,10 +30,11 @@ u8s8 uses ``[lo, hi]`` as is (asymmetric UINT8) for non-negative ranges and the
 symmetric INT8 grid, shifted to UINT8, for signed ones (scale ``max(|lo|, |hi|) / 127``,
 zero point 128); s8s8 uses ``max(|lo|, |hi|)`` (zero point 0), which the quantizer
 derives from the same range; mixed uses ``[0, hi]`` (UINT8, zero point 0) for
-non-negative ranges and ``max(|lo|, |hi|)`` (INT8, zero point 0) for signed ones. So
-u8s8 and mixed quantize every tensor on the same grid, and the ONNX Runtime and
-OpenVINO models of one calibration compute the same function up to kernel rounding.
-The graph outputs stay float (see `float_outputs`).
+non-negative ranges and ``max(|lo|, |hi|)`` (INT8, zero point 0) for signed ones. Both
+u8s8 and mixed give each Concat one range. So the two put the tensors they both quantize
+on the same grid (ONNX Runtime's quantizer still keeps an AveragePool's output on its
+input's grid), and the ONNX Runtime and OpenVINO models of one calibration compute
+nearly the same function. The graph outputs stay float (see `float_outputs`).
 
 After Q/DQ insertion, optional bias correction (`deploykit.stages.biascorrect`)
 shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
