@@ -30,11 +30,11 @@ u8s8 uses ``[lo, hi]`` as is (asymmetric UINT8) for non-negative ranges and the
 symmetric INT8 grid, shifted to UINT8, for signed ones (scale ``max(|lo|, |hi|) / 127``,
 zero point 128); s8s8 uses ``max(|lo|, |hi|)`` (zero point 0), which the quantizer
 derives from the same range; mixed uses ``[0, hi]`` (UINT8, zero point 0) for
-non-negative ranges and ``max(|lo|, |hi|)`` (INT8, zero point 0) for signed ones. Both
-u8s8 and mixed give each Concat one range. So the two put the tensors they both quantize
-on the same grid (ONNX Runtime's quantizer still keeps an AveragePool's output on its
-input's grid), and the ONNX Runtime and OpenVINO models of one calibration compute
-nearly the same function. The graph outputs stay float (see `float_outputs`).
+non-negative ranges and ``max(|lo|, |hi|)`` (INT8, zero point 0) for signed ones. So
+the two put a tensor both quantize with the same range on the same grid, and the ONNX
+Runtime and OpenVINO models of one calibration compute nearly the same function; they
+still differ where mixed gives a Concat's inputs one shared range. The graph outputs
+stay float (see `float_outputs`).
 
 After Q/DQ insertion, optional bias correction (`deploykit.stages.biascorrect`)
 shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
