@@ -530,11 +530,11 @@ def _write_qdq(
             tensor: [
                 {
                     "quant_type": QuantType.QUInt8,
-                    "scale": np.array(max(-lo, hi) / 127.0, dtype=np.float32),
+                    "scale": np.array(stats.symmetric_amax(tensor) / 127.0, dtype=np.float32),
                     "zero_point": np.array(U8_SIGNED_ZERO_POINT, dtype=np.uint8),
                 }
             ]
-            for tensor, (lo, hi) in stats.ranges.items()
+            for tensor, (lo, _) in stats.ranges.items()
             if lo < 0.0
         }
     if encoding == "mixed":
