@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
+from deploykit.harness.fidelity import compare_outputs
 from deploykit.stages import calibcache, calibrate
 from deploykit.stages.calibrate import (
     CalibrationOptions,
@@ -30,10 +31,13 @@ pytestmark = pytest.mark.onnxruntime
 SIZE = 12
 
 
-def _net(path: Path, seed: int = 0, linear_pw: bool = False) -> Path:
+def _net(path: Path, seed: int = 0, linear_pw: bool = False, concat: bool = False) -> Path:
     """Conv-ReLU, depthwise Conv-ReLU, 1x1 Conv, global pool, Gemm: a few kB, random weights.
 
     With `linear_pw` the 1x1 Conv has no ReLU (a linear bottleneck: a signed tensor).
+    With `concat` (and `linear_pw`) that signed tensor is concatenated with an
+    AveragePool of the stem and a side Conv-ReLU (ShuffleNet v1's and CliqueNet's
+    pattern), so the Concat's shared range is signed.
     """
     rng = np.random.default_rng(seed)
     inits: list[Any] = []
@@ -65,9 +69,20 @@ def _net(path: Path, seed: int = 0, linear_pw: bool = False) -> Path:
     x = conv("stem", "input", 3, 8, 3)
     x = conv("dw", x, 8, 8, 3, group=8)
     x = conv("pw", x, 8, 8, 1, relu=not linear_pw)
+    width = 8
+    if concat:
+        nodes.append(
+            helper.make_node(
+                "AveragePool", ["stem.relu"], ["pool"], kernel_shape=[3, 3], pads=[1] * 4
+            )
+        )
+        side = conv("side", "stem.relu", 8, 8, 1)
+        nodes.append(helper.make_node("Concat", [x, "pool", side], ["cat"], axis=1))
+        x, width = "cat", 24
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
-    inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (5, 8)).astype(np.float32), "fc.w"))
+    fc = rng.normal(0, 0.3, (5, width)).astype(np.float32)
+    inits.append(numpy_helper.from_array(fc, "fc.w"))
     inits.append(numpy_helper.from_array(np.zeros(5, np.float32), "fc.b"))
     nodes.append(
         helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)
@@ -385,14 +400,17 @@ def test_histogram_statistics_fed_in_groups_match_one_pass(
         assert abs(grouped.ranges[tensor][1] - hi) <= 1e-3 * span, tensor
 
 
-def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("concat", [False, True], ids=["chain", "concat"])
+def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path, concat: bool) -> None:
     """u8s8 (ONNX Runtime) and mixed (OpenVINO) quantize each tensor on the same grid.
 
     Then the two backends' models of one calibration compute the same function up to
     kernel rounding; a u8s8 file with ONNX Runtime's own asymmetric grid on a signed
-    tensor (the linear 1x1 output here) would fail.
+    tensor (the linear 1x1 output here) would fail, and so would one with a range per
+    Concat input or an AveragePool output left on its input's grid (ONNX Runtime's
+    quantizer does both).
     """
-    net = _net(tmp_path / "linear.onnx", linear_pw=True)
+    net = _net(tmp_path / "linear.onnx", linear_pw=True, concat=concat)
     stats = collect_statistics(net, _data(), CalibrationOptions())
     grids = {}
     for encoding in ("u8s8", "mixed"):
@@ -405,9 +423,12 @@ def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path) -> None:
         }
         assert "logits" not in grids[encoding]  # the graph output stays float
     signed = {t for t, (lo, _) in stats.ranges.items() if lo < 0}
+    if concat:  # the Concat's inputs take its signed range
+        signed |= {"pool", "side.relu"}
     shared = grids["u8s8"].keys() & grids["mixed"].keys()
     assert {"input", "pw"} <= shared & signed
     assert shared - signed  # and some ReLU outputs
+    assert not concat or {"pool", "side.relu"} <= shared
     for tensor in shared:
         (u8_scale, u8_zero), (mixed_scale, mixed_zero) = (
             grids["u8s8"][tensor],
@@ -417,6 +438,30 @@ def test_onnxruntime_and_openvino_files_share_one_grid(tmp_path: Path) -> None:
         assert u8_zero.dtype == np.uint8
         assert int(u8_zero) - int(mixed_zero) == (128 if tensor in signed else 0), tensor
         assert mixed_zero.dtype == (np.int8 if tensor in signed else np.uint8), tensor
+
+
+def test_u8s8_keeps_a_relu_whose_shared_range_is_signed(tmp_path: Path) -> None:
+    """A ReLU output on a Concat's signed grid keeps its Relu in the u8s8 file.
+
+    ONNX Runtime's quantizer drops a Relu and lets the QuantizeLinear after it clip at
+    zero, which only holds on an unsigned grid: on the shared signed one the side
+    Conv's negative outputs came through (random-weight CliqueNet: INT8 cosine 0.45).
+    """
+    import onnxruntime as ort
+
+    net = _net(tmp_path / "cat.onnx", linear_pw=True, concat=True)
+    data = _data(count=16)
+    stats = collect_statistics(net, data, CalibrationOptions())
+    path = tmp_path / "u8s8.onnx"
+    model = write_qdq(net, stats, path, "u8s8")
+    relus = [n for n in model.graph.node if n.op_type == "Relu"]
+    assert [n.input[0] for n in relus] == ["side.relu_DequantizeLinear_Output"]
+    outputs = []
+    for file in (net, path):
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"input": data.inputs})[0])
+    cosine = compare_outputs(outputs[0], outputs[1]).cosine
+    assert cosine > 0.999, cosine
 
 
 def test_float_outputs_keeps_a_conv_output_quantized_for_onnxruntime(tmp_path: Path) -> None:
