@@ -537,17 +537,14 @@ def _write_qdq(
         # 0.96x (inception_v3) on five Concat nets (7 interleaved rounds).
         stats = CalibrationStats(stats.method, stats.percentile, _unified_concat(prep, stats))
     if encoding == "u8s8":
-        extra["TensorQuantOverrides"] = {
-            tensor: [
-                {
-                    "quant_type": QuantType.QUInt8,
-                    "scale": np.array(stats.symmetric_amax(tensor) / 127.0, dtype=np.float32),
-                    "zero_point": np.array(U8_SIGNED_ZERO_POINT, dtype=np.uint8),
-                }
-            ]
-            for tensor, (lo, _) in stats.ranges.items()
-            if lo < 0.0
-        }
+        overrides = {}
+        for tensor, (lo, hi) in stats.ranges.items():
+            if lo < 0.0:
+                scale, zero = u8s8_grid(lo, hi)
+                overrides[tensor] = [
+                    {"quant_type": QuantType.QUInt8, "scale": scale, "zero_point": zero}
+                ]
+        extra["TensorQuantOverrides"] = overrides
     if encoding == "mixed":
         op_types = [op for op in op_types if op in MIXED_OPS]
         extra["OpTypesToExcludeOutputQuantization"] = list(MIXED_OPS)
@@ -687,9 +684,7 @@ def regrid_pool_outputs(model: Any, ranges: dict[str, tuple[float, float]]) -> l
         quants = [c for c in consumers.get(out, []) if c.op_type == "QuantizeLinear"]
         if len(quants) != 1 or len(quants[0].input) < 3:
             continue
-        scale, zero = ovqdq.quantization_params(*ranges[out])
-        if zero.dtype == np.int8:  # the symmetric grid, shifted to UINT8
-            zero = np.asarray(int(zero) + U8_SIGNED_ZERO_POINT, dtype=np.uint8)
+        scale, zero = u8s8_grid(*ranges[out])
         q = quants[0]
         old = [numpy_helper.to_array(inits[name]) for name in q.input[1:3] if name in inits]
         if len(old) == 2 and np.array_equal(old[0], scale) and np.array_equal(old[1], zero):
@@ -698,11 +693,25 @@ def regrid_pool_outputs(model: Any, ranges: dict[str, tuple[float, float]]) -> l
         model.graph.initializer.extend(
             [numpy_helper.from_array(scale, params[0]), numpy_helper.from_array(zero, params[1])]
         )
-        for user in [q, *consumers.get(q.output[0], [])]:
-            if user is q or user.op_type == "DequantizeLinear":
-                user.input[1:3] = params
+        q.input[1:3] = params
+        for dq in consumers.get(q.output[0], []):
+            if dq.op_type == "DequantizeLinear":
+                dq.input[1:3] = params
         changed.append(out)
     return changed
+
+
+def u8s8_grid(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """The u8s8 encoding's (scale, UINT8 zero point) for the range ``[lo, hi]``.
+
+    A signed range takes mixed's symmetric INT8 grid shifted to UINT8 (scale
+    ``max(|lo|, |hi|) / 127``, zero point 128); a non-negative one ONNX Runtime's own
+    ``[0, hi]`` grid, which is also mixed's.
+    """
+    if lo < 0.0:
+        scale = np.array(max(abs(lo), abs(hi)) / 127.0, dtype=np.float32)
+        return scale, np.array(U8_SIGNED_ZERO_POINT, dtype=np.uint8)
+    return ovqdq.quantization_params(lo, hi)
 
 
 def _activation_bounds(node: Any, inits: dict[str, Any]) -> tuple[float, float]:
