@@ -1071,6 +1071,7 @@ def evaluate(
     samples: int | None = None,
     save: bool = True,
     against: str | Path | None = None,
+    stability: int = 0,
     on_step: Step = _quiet,
 ) -> dict[str, Any]:
     """Evaluate a run folder's compiled artifact on a set, next to the FP32 reference.
@@ -1087,9 +1088,15 @@ def evaluate(
         save: Record the result in the run's report.json under ``accuracy`` (not with
             `against`).
         against: Another run folder whose artifact is the reference.
+        stability: Also run this many copies of the set with each input moved by one
+            grey level in one value, and compare the artifact with itself
+            (`deploykit.harness.stability`): the floor for any agreement figure.
 
     Returns:
         The evaluation (see :class:`deploykit.harness.evaluate.Evaluation`).
+
+    Raises:
+        UserError: A negative `stability`, or a run folder or set that cannot be read.
     """
     from deploykit.backends.base import CompiledArtifact
     from deploykit.harness.datasets import load_eval_data
@@ -1098,6 +1105,8 @@ def evaluate(
     from deploykit.models.loaders import ModelSource
     from deploykit.stages import bnrecal
 
+    if stability < 0:
+        raise UserError(f"--stability takes a number of draws (0 = off), got {stability}")
     folder = Path(run_dir)
     report = load_report(folder)
     backend = require_backend(report.target)
@@ -1128,6 +1137,15 @@ def evaluate(
         )
     with backend.runner(artifact) as runner:
         result = run_evaluation(runner.infer, dataset, batch, reference_outputs, label)
+        if stability:
+            from deploykit.harness.stability import measure_stability
+
+            on_step(f"stability: {stability} one-grey-level draws")
+            contract = artifact.contract
+            steady = measure_stability(
+                runner.infer, dataset.inputs, contract.mean, contract.std, batch, stability
+            )
+            result = dataclasses.replace(result, stability=steady.to_dict())
     if save:
         report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
         report.save(folder)

@@ -665,6 +665,15 @@ def regress(
     type=click.Path(exists=True, file_okay=False),
     help="Another run folder whose artifact is the reference instead of the FP32 model.",
 )
+@click.option(
+    "--stability",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also run N copies of the set with each input moved by one grey level in one "
+    "value, and compare the artifact with itself: the floor for any agreement figure "
+    "(an INT8 model can change its answer on such a change; 0 = off).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(
     run_dir: str,
@@ -672,6 +681,7 @@ def eval_(
     samples: int | None,
     no_save: bool,
     against: str | None,
+    stability: int,
     as_json: bool,
 ) -> None:
     """Evaluate a run folder's compiled artifact on a set, next to the FP32 model.
@@ -689,6 +699,7 @@ def eval_(
             samples=samples,
             save=not no_save,
             against=against,
+            stability=stability,
             on_step=status.update,
         )
     if as_json:

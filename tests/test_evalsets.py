@@ -236,6 +236,23 @@ def test_eval_command_on_a_run_folder(
     assert evaluation["drop"] == 0.0
     saved = json.loads((run_dir / "report.json").read_text())
     assert saved["accuracy"]["imagenet-photos20"]["samples"] == 6
+    if not recalibrated:
+        steady = CliRunner().invoke(
+            main,
+            ["eval", str(run_dir), "--data", "imagenet-photos20", "--samples", "6"]
+            + ["--stability", "2", "--no-save", "--json"],
+            catch_exceptions=False,
+        )
+        assert steady.exit_code == 0, steady.output
+        stability = json.loads(steady.stdout)["evaluation"]["stability"]
+        assert stability["draws"] == 2 and stability["samples"] == 6
+        # FP32 does not notice one grey level.
+        assert stability["top1_agreement"] == 100.0 and stability["cosine_min"] > 0.9999
+        negative = CliRunner().invoke(
+            main, ["eval", str(run_dir), "--data", "imagenet-photos20"] + ["--stability", "-1"]
+        )
+        assert negative.exit_code == 2 and "--stability" in negative.output
+        assert len(negative.output.strip().splitlines()) == 1
     other = tmp_path / "other"
     CliRunner().invoke(
         main,

@@ -109,10 +109,19 @@ def accuracy_line(result: dict[str, Any]) -> str:
             f"(drop {result['drop']:+.2f} pt) · top-5 {result['top5']:.2f}% vs "
             f"{result['fp32_top5']:.2f}% · "
         )
-    return text + (
+    text += (
         f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%, "
         f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
+    stability = result.get("stability")
+    if stability:
+        text += (
+            f" · with itself, one grey level moved ({stability['draws']} draws): "
+            f"top-1 {stability['top1_agreement']:.1f}% (worst draw "
+            f"{stability['top1_agreement_min']:.1f}%), top-5 overlap "
+            f"{stability['top5_overlap']:.1f}%, cosine ≥ {stability['cosine_min']:.4f}"
+        )
+    return text
 
 
 def render_eval(console: Console, result: dict[str, Any]) -> None:

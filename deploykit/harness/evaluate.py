@@ -41,6 +41,8 @@ class Evaluation:
         reference: What the FP32 reference was.
         data: The set's description (manifest, sha256, licence).
         seconds: Wall time of the evaluation.
+        stability: The artifact against itself with each input moved by one grey level
+            (`deploykit.harness.stability`), when it was measured.
     """
 
     dataset: str
@@ -58,6 +60,7 @@ class Evaluation:
     reference: str
     data: dict[str, Any]
     seconds: float
+    stability: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -74,6 +77,11 @@ class Evaluation:
         parts.append(
             f"agreement top-1 {self.top1_agreement:.1f}%, top-5 overlap {self.top5_overlap:.1f}%"
         )
+        if self.stability:
+            parts.append(
+                f"one-grey-level stability top-1 {self.stability['top1_agreement']:.1f}%, "
+                f"top-5 overlap {self.stability['top5_overlap']:.1f}%"
+            )
         return ", ".join(parts)
 
 
