@@ -71,6 +71,9 @@ class ExportRequest:
             (``nncf`` for OpenVINO).
         int8_encoding: Q/DQ activation encoding (s8s8, u8s8, mixed); None = the target's
             own (`Capabilities.int8_encoding`).
+        exact_residuals: mixed encoding: make OpenVINO round each Conv output that enters
+            a residual Add, as ONNX Runtime does (slower; see
+            `deploykit.stages.ovqdq.materialise_residual_inputs`).
         eval_data: Evaluation sets (names, manifests or labelled folders); None = the
             model's own sets when it has real weights, none otherwise.
         eval_samples: Inputs per evaluation set; None = the whole set.
@@ -115,6 +118,7 @@ class ExportRequest:
     calib_cache: bool = True
     quantizer: str = "deploykit"
     int8_encoding: str | None = None
+    exact_residuals: bool = False
     eval_data: list[str] | None = None
     eval_samples: int | None = None
     max_accuracy_drop: float = 1.0
@@ -261,6 +265,7 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
             per_channel=request.per_channel,
             bias_correction=request.bias_correction,
             use_cache=request.calib_cache,
+            exact_residuals=request.exact_residuals,
         )
         calib_options.validate()
         if request.quantizer not in ("deploykit", caps.native_quantizer):
@@ -651,6 +656,7 @@ def calibrate(
     input_size: tuple[int, int] | None = None,
     opset: int = 18,
     seed: int = 0,
+    exact_residuals: bool = False,
     on_step: Step = _quiet,
 ) -> dict[str, Any]:
     """Export, fuse and calibrate `model` into ``<out>/model.int8.qdq.onnx`` (no backend).
@@ -674,6 +680,7 @@ def calibrate(
         per_channel=per_channel,
         bias_correction=bias_correction,
         use_cache=calib_cache,
+        exact_residuals=exact_residuals,
     )
     options.validate()
     source, contract = resolve(model, weights, seed, input_size)

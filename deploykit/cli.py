@@ -81,6 +81,13 @@ def _calibration_options(func: Any) -> Any:
             help="Recompute the calibration statistics instead of reusing the cache "
             "($DEPLOYKIT_CACHE_DIR or ~/.cache/deploykit).",
         ),
+        click.option(
+            "--exact-residuals",
+            is_flag=True,
+            help="mixed encoding (OpenVINO): round each Conv output that enters a residual "
+            "Add, as the Q/DQ file and ONNX Runtime do (OpenVINO's Conv+Add fusion skips "
+            "it); the two backends then agree, at some OpenVINO latency.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -231,6 +238,7 @@ def export(
     per_tensor: bool,
     bias_correction: bool | None,
     no_calib_cache: bool,
+    exact_residuals: bool,
     quantizer: str,
     bn_recalibrate: bool,
     int8_encoding: str | None,
@@ -284,6 +292,7 @@ def export(
         quantizer=quantizer,
         bn_recalibrate=bn_recalibrate,
         int8_encoding=int8_encoding,
+        exact_residuals=exact_residuals,
         eval_data=[] if no_eval else (list(eval_data) or None),
         eval_samples=eval_samples,
         max_accuracy_drop=max_accuracy_drop,
@@ -346,6 +355,7 @@ def calibrate(
     per_tensor: bool,
     bias_correction: bool | None,
     no_calib_cache: bool,
+    exact_residuals: bool,
     weights: str | None,
     input_size: str | None,
     as_json: bool,
@@ -367,6 +377,7 @@ def calibrate(
             calib_cache=not no_calib_cache,
             weights=weights,
             input_size=_parse_size(input_size),
+            exact_residuals=exact_residuals,
             on_step=status.update,
         )
     if as_json:

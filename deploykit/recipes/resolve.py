@@ -52,6 +52,7 @@ REQUEST_FIELDS: dict[str, str | None] = {
     "calib_cache": "calibration.cache",
     "quantizer": "calibration.quantizer",
     "int8_encoding": "calibration.encoding",
+    "exact_residuals": "calibration.exact_residuals",
     "eval_data": "evaluation.data",
     "eval_samples": "evaluation.samples",
     "max_accuracy_drop": "gates.max_accuracy_drop",

@@ -143,6 +143,11 @@ class CalibrationSection(_Section):
         description="Q/DQ activation encoding; null = the target's fastest (u8s8 for "
         "onnxruntime, mixed for openvino, s8s8 for tensorrt).",
     )
+    exact_residuals: bool = Field(
+        default=False,
+        description="mixed encoding (OpenVINO): round each Conv output that enters a "
+        "residual Add, as ONNX Runtime does (OpenVINO's Conv+Add fusion skips it).",
+    )
     quantizer: str = Field(
         default="deploykit",
         min_length=1,

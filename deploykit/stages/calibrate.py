@@ -134,6 +134,9 @@ class CalibrationOptions:
         use_cache: Reuse cached statistics; False collects afresh and rewrites the entry.
         nodes_to_exclude: Node names (of the fused graph) kept in float: no Q/DQ on
             their weights (for per-layer fallback).
+        exact_residuals: mixed only: make OpenVINO round each Conv output that enters a
+            residual Add, as the file says (`ovqdq.materialise_residual_inputs`), so
+            it computes what ONNX Runtime computes from the u8s8 file; slower.
     """
 
     method: str = "minmax"
@@ -143,6 +146,7 @@ class CalibrationOptions:
     bias_correction: bool | None = None
     use_cache: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
+    exact_residuals: bool = False
 
     def validate(self) -> None:
         """Raise UserError for unknown choices."""
@@ -153,6 +157,11 @@ class CalibrationOptions:
         if self.encoding not in ENCODINGS:
             raise UserError(
                 f"unknown INT8 encoding {self.encoding!r}: choose {', '.join(ENCODINGS)}"
+            )
+        if self.exact_residuals and self.encoding != "mixed":
+            raise UserError(
+                f"--exact-residuals applies to the mixed encoding (OpenVINO's), not "
+                f"{self.encoding}: use it with --target openvino or --encoding mixed"
             )
         if not 90.0 <= self.percentile < 100.0:
             raise UserError(f"--calib-percentile must be in [90, 100), got {self.percentile}")
@@ -221,6 +230,7 @@ class CalibrationReport:
     nodes_excluded: list[str] = field(default_factory=list)
     preprocess: str = "ok"
     bias_correction: dict[str, Any] = field(default_factory=dict)
+    exact_residuals: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -308,6 +318,7 @@ def calibrate_onnx(
         nodes_excluded=list(options.nodes_to_exclude),
         preprocess=prep.note,
         bias_correction=bias.to_dict(),
+        exact_residuals=options.exact_residuals,
     )
 
 
@@ -330,6 +341,7 @@ def write_qdq(
     encoding: str,
     per_channel: bool = True,
     nodes_to_exclude: Sequence[str] = (),
+    exact_residuals: bool = False,
 ) -> Any:
     """Write the Q/DQ model of `fused` in `encoding` from precomputed `stats` (no calibration).
 
@@ -340,6 +352,7 @@ def write_qdq(
         encoding: s8s8, u8s8 or mixed.
         per_channel: Per-output-channel weight scales.
         nodes_to_exclude: Nodes kept in float (no Q/DQ on their weights).
+        exact_residuals: mixed only: see `CalibrationOptions.exact_residuals`.
 
     Returns:
         The Q/DQ ``onnx.ModelProto`` that was written.
@@ -352,6 +365,7 @@ def write_qdq(
         encoding=encoding,
         per_channel=per_channel,
         nodes_to_exclude=tuple(nodes_to_exclude),
+        exact_residuals=exact_residuals,
     )
     options.validate()
     with _prepared(fused) as prep:
@@ -577,6 +591,8 @@ def _write_qdq(
     if encoding == "mixed":
         ovqdq.quantize_pool_inputs(model, stats.ranges)
         ovqdq.drop_maxpool_requantize(model)
+        if options.exact_residuals:
+            ovqdq.materialise_residual_inputs(model)
     float_outputs(model, keep_conv=encoding == "u8s8")
     return model
 
