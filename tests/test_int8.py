@@ -565,3 +565,34 @@ def test_the_onnxruntime_encoding_is_the_fast_and_accurate_one(tmp_path: Path) -
     assert u8 < 0.8 * s8, (
         f"u8s8 {u8 * 100:.2f} ms is not clearly faster than s8s8 {s8 * 100:.2f} ms"
     )
+
+
+@pytest.mark.openvino
+def test_compare_prices_exact_residuals_next_to_the_default(tmp_path: Path) -> None:
+    from deploykit.backends.registry import get_backend
+    from deploykit.harness.compare import CompareOptions, TargetSpec, compare
+
+    with pytest.raises(UserError, match="onnxruntime:int8"):
+        TargetSpec.parse("onnxruntime:int8-exact", "fp32").check(get_backend("onnxruntime"))
+    result = compare(
+        CompareOptions(
+            models=["resnet18"],
+            targets=["openvino:int8", "openvino:int8-exact"],
+            threads=1,
+            rounds=1,
+            runs=3,
+            min_seconds=0.01,
+            input_size=(32, 32),
+            out=str(tmp_path),
+            calib_samples=4,
+        )
+    )
+    rows = {row["spec"]: row for row in result["rows"]}
+    assert set(rows) == {"openvino:int8", "openvino:int8-exact"}, rows
+    assert all(row["p50_ms"] > 0 for row in rows.values())
+    exact = next(tmp_path.rglob("model.int8.mixed-exact.qdq.onnx"))
+    pools = [n for n in onnx.load(str(exact)).graph.node if n.op_type == "MaxPool"]
+    plain = next(tmp_path.rglob("model.int8.mixed.qdq.onnx"))
+    # resnet18 has 8 residual Adds; its stem MaxPool is in both files.
+    extra = len(pools) - sum(n.op_type == "MaxPool" for n in onnx.load(str(plain)).graph.node)
+    assert extra >= 8

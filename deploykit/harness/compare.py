@@ -11,7 +11,9 @@ A target is ``backend``, ``backend:precision`` or ``backend:int8-QUANTIZER``:
 
 * ``openvino`` runs at ``--precision`` (fp32 by default);
 * ``openvino:int8`` runs deploykit's Q/DQ ONNX (one calibration per encoding);
-* ``openvino:int8-nncf`` runs the backend's own quantizer's model (NNCF's INT8 IR).
+* ``openvino:int8-nncf`` runs the backend's own quantizer's model (NNCF's INT8 IR);
+* ``openvino:int8-exact`` runs deploykit's mixed Q/DQ ONNX written with exact residuals
+  (`deploykit.stages.ovqdq.materialise_residual_inputs`), to price that option.
 
 Every INT8 target of a model is calibrated on the same inputs with the minmax
 method, so ``openvino:int8`` and ``openvino:int8-nncf`` differ only in the
@@ -42,6 +44,7 @@ from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
 
 Step = Callable[[str], None]
 DEFAULT_QUANTIZER = "deploykit"
+EXACT = "exact"  # deploykit's Q/DQ, mixed encoding with exact residuals
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ class TargetSpec:
             UserError: The backend has no such quantizer (or its package is missing).
         """
         if self.quantizer == DEFAULT_QUANTIZER:
+            return
+        if self.quantizer == EXACT:
+            if backend.capabilities().int8_encoding != "mixed":
+                raise UserError(
+                    f"{backend.name} has no int8-exact target: exact residuals are an option "
+                    f"of OpenVINO's mixed encoding; use {backend.name}:int8"
+                )
             return
         native = backend.capabilities().native_quantizer
         if self.quantizer != native:
@@ -273,8 +283,9 @@ class _Int8Models:
 
     def get(self, backend: Backend, target: TargetSpec) -> Path:
         """The INT8 model file `target` compiles."""
-        if target.quantizer == DEFAULT_QUANTIZER:
-            key = ("qdq", backend.capabilities().int8_encoding or "s8s8")
+        if target.quantizer in (DEFAULT_QUANTIZER, EXACT):
+            encoding = backend.capabilities().int8_encoding or "s8s8"
+            key = ("qdq", f"{encoding}-{EXACT}" if target.quantizer == EXACT else encoding)
         else:
             key = (target.quantizer, backend.name)
         if key not in self.made:
@@ -292,11 +303,13 @@ class _Int8Models:
             self._data = load_dataset(self.options.calib, self.contract, self.options.calib_samples)
         return self._data
 
-    def _qdq(self, encoding: str) -> Path:
+    def _qdq(self, variant: str) -> Path:
         from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
 
-        out = self.folder / f"model.int8.{encoding}.qdq.onnx"
-        calibrate_onnx(self.fused, out, self.data(), CalibrationOptions(encoding=encoding))
+        encoding = variant.removesuffix(f"-{EXACT}")
+        options = CalibrationOptions(encoding=encoding, exact_residuals=variant != encoding)
+        out = self.folder / f"model.int8.{variant}.qdq.onnx"
+        calibrate_onnx(self.fused, out, self.data(), options)
         return out
 
     def _native(self, backend: Backend, quantizer: str) -> Path:

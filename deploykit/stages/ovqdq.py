@@ -43,8 +43,11 @@ they run NNCF's placement.
   ONNX Runtime's u8s8 file and OpenVINO's mixed file of one calibration then
   compute the same function: top-1 agreement on the 10,000 test images 99.66% ->
   100.00% (ResNet-8), 99.25% -> 99.96% (ShuffleNet-v1). It costs OpenVINO the
-  fusion (one-off, 7 interleaved rounds: EfficientNet-Lite0 1.07x, resnet50
-  1.05x, mobilenet_v2 1.30x the latency), so it is not the default.
+  fusion: ``deploykit compare ... --targets openvino:int8,openvino:int8-exact``
+  (15 interleaved rounds, 2-core AVX-512-VNNI EPYC) put EfficientNet-Lite0 at
+  1.22x, resnet50 1.12x and mobilenet_v2 1.28x the latency (shufflenet_v2_x1_0,
+  which has no residual Add and the same file twice, at 0.89x: the noise), so it
+  is not the default.
 
 Measured with OpenVINO 2026.4 on a 2-core AVX-512-VNNI/AMX Xeon: see the
 ``mixed`` notes in :mod:`deploykit.stages.calibrate`.
