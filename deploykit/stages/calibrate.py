@@ -33,7 +33,9 @@ derives from the same range; mixed uses ``[0, hi]`` (UINT8, zero point 0) for
 non-negative ranges and ``max(|lo|, |hi|)`` (INT8, zero point 0) for signed ones. So
 the two put a tensor both quantize with the same range on the same grid, and the ONNX
 Runtime and OpenVINO models of one calibration compute the same function up to kernel
-rounding. Both give a Concat's inputs and output one shared range (`_unified_concat`);
+rounding (and OpenVINO's Conv+Add fusion, which skips the rounding of a Conv output
+before a residual Add unless ``exact_residuals``; see `deploykit.stages.ovqdq`).
+Both give a Concat's inputs and output one shared range (`_unified_concat`);
 u8s8 then puts back a ReLU the quantizer folded into a Q that no longer clips at zero
 (`restore_activations`) and gives an average pool's output its own grid rather than
 its input's (`regrid_pool_outputs`), as mixed does. The graph outputs stay float (see
