@@ -1107,8 +1107,7 @@ def evaluate(
     """
     from deploykit.backends.base import CompiledArtifact
     from deploykit.harness.datasets import load_eval_data
-    from deploykit.harness.evaluate import evaluate as run_evaluation
-    from deploykit.harness.evaluate import run_batched
+    from deploykit.harness.evaluate import evaluate_outputs, run_batched
     from deploykit.models.loaders import ModelSource
     from deploykit.stages import bnrecal
 
@@ -1143,14 +1142,24 @@ def evaluate(
             reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
         )
     with backend.runner(artifact) as runner:
-        result = run_evaluation(runner.infer, dataset, batch, reference_outputs, label)
+        started = time.perf_counter()
+        outputs = run_batched(runner.infer, dataset.inputs, batch)
+        result = evaluate_outputs(
+            outputs, reference_outputs, dataset, label, time.perf_counter() - started
+        )
         if stability:
             from deploykit.harness.stability import measure_stability
 
             on_step(f"stability: {stability} one-grey-level draws")
             contract = artifact.contract
             steady = measure_stability(
-                runner.infer, dataset.inputs, contract.mean, contract.std, batch, stability
+                runner.infer,
+                dataset.inputs,
+                contract.mean,
+                contract.std,
+                batch,
+                stability,
+                base=outputs,
             )
             result = dataclasses.replace(result, stability=steady.to_dict())
     if save:

@@ -93,6 +93,7 @@ def measure_stability(
     batch: int,
     draws: int = DEFAULT_DRAWS,
     seed: int = SEED,
+    base: np.ndarray | None = None,
 ) -> Stability:
     """Run `infer` on `inputs` and on `draws` one-grey-level nudges of them; compare.
 
@@ -104,6 +105,7 @@ def measure_stability(
         batch: Batch the artifact takes.
         draws: Perturbed copies to run.
         seed: Seed of the positions and signs.
+        base: The artifact's outputs on `inputs`, when the caller has them already.
 
     Raises:
         ValueError: `draws` below 1 or an empty set.
@@ -113,7 +115,8 @@ def measure_stability(
     if inputs.shape[0] == 0:
         raise ValueError("no inputs to perturb")
     rng = np.random.default_rng(seed)
-    base = run_batched(infer, inputs, batch)
+    if base is None:
+        base = run_batched(infer, inputs, batch)
     scores = [
         compare_outputs(base, run_batched(infer, nudge(inputs, mean, std, rng), batch))
         for _ in range(draws)
