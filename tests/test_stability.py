@@ -49,7 +49,7 @@ def test_nudge_keeps_black_and_white_pixels_in_range() -> None:
 
 
 def test_grey_level_is_one_over_255_std() -> None:
-    np.testing.assert_allclose(grey_level_steps((0.5,), (0.5,)), [2.0 / 255.0])
+    np.testing.assert_allclose(grey_level_steps((0.5, 0.25)), [2.0 / 255.0, 4.0 / 255.0])
 
 
 def test_stability_is_full_for_a_smooth_model_and_zero_for_one_that_sees_every_step() -> None:

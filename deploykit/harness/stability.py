@@ -55,7 +55,7 @@ class Stability:
         return asdict(self)
 
 
-def grey_level_steps(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+def grey_level_steps(std: tuple[float, ...]) -> np.ndarray:
     """One grey level per channel in model-input units: ``1 / (255 * std)``."""
     return (1.0 / (255.0 * np.asarray(std, dtype=np.float64))).astype(np.float32)
 
@@ -74,7 +74,7 @@ def nudge(
     per_channel = int(np.prod(inputs.shape[2:])) if inputs.ndim > 2 else 1
     positions = rng.integers(0, flat.shape[1], size=n)
     channels = positions // per_channel
-    steps = grey_level_steps(mean, std)[channels]
+    steps = grey_level_steps(std)[channels]
     m = np.asarray(mean, dtype=np.float64)[channels]
     s = np.asarray(std, dtype=np.float64)[channels]
     rows = np.arange(n)
