@@ -295,9 +295,6 @@ def test_each_backends_file_from_one_calibration_agrees_on_a_trained_net(tmp_pat
     fmnist_mobilenet_v1. With ONNX Runtime's own asymmetric grid it was 99.2%, cosine
     down to 0.988.
     """
-    import onnxruntime as ort
-    import openvino as ov
-
     from deploykit.harness.datasets import load_eval_data
     from deploykit.models.catalogue import get_model_spec
 
@@ -310,14 +307,7 @@ def test_each_backends_file_from_one_calibration_agrees_on_a_trained_net(tmp_pat
         files[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
     contract = get_model_spec("fmnist_mobilenet_v1").contract
     x = load_eval_data("fashion-mnist-test", contract, 2000).inputs
-    session = ort.InferenceSession(str(files["u8s8"]), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    ort_out = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-    compiled = ov.Core().compile_model(
-        str(files["mixed"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    ov_out = np.concatenate([compiled(x[i : i + 1])[0] for i in range(len(x))])
-    fid = compare_outputs(ort_out, ov_out)
+    fid = compare_outputs(_run_each(files["u8s8"], x), _openvino_each(files["mixed"], x))
     assert fid.top1_agreement >= 0.995, fid
     assert fid.cosine_mean >= 0.9995 and fid.cosine >= 0.999, fid
 
@@ -344,6 +334,14 @@ def _run_each(path: Path, x: np.ndarray, optimise: bool = True) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
 
 
+def _openvino_each(path: Path, x: np.ndarray) -> np.ndarray:
+    """OpenVINO (true FP32 where not INT8) on `path`, one input at a time."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.concatenate([compiled(x[i : i + 1])[0] for i in range(len(x))])
+
+
 @pytest.mark.openvino
 def test_exact_residuals_make_openvino_compute_what_onnxruntime_computes(tmp_path: Path) -> None:
     """OpenVINO fuses Conv -> FakeQuantize -> Add and does not round the Conv's output.
@@ -353,8 +351,6 @@ def test_exact_residuals_make_openvino_compute_what_onnxruntime_computes(tmp_pat
     with a 1x1 MaxPool between each such Conv output and its Add (identical values, and
     no fusion) on 100.00% (cosine 0.99999).
     """
-    import openvino as ov
-
     from deploykit.harness.datasets import load_eval_data
     from deploykit.models.catalogue import get_model_spec
 
@@ -394,14 +390,9 @@ def test_exact_residuals_make_openvino_compute_what_onnxruntime_computes(tmp_pat
         _run_each(files["exact"], x[:200], optimise=False),
         _run_each(files["mixed"], x[:200], optimise=False),
     )
-    core = ov.Core()
     ort_out = _run_each(files["u8s8"], x)
-    ov_out = {}
-    for name in ("mixed", "exact"):
-        compiled = core.compile_model(str(files[name]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        ov_out[name] = np.concatenate([compiled(x[i : i + 1])[0] for i in range(len(x))])
-    fused = compare_outputs(ort_out, ov_out["mixed"])
-    exact = compare_outputs(ort_out, ov_out["exact"])
+    fused = compare_outputs(ort_out, _openvino_each(files["mixed"], x))
+    exact = compare_outputs(ort_out, _openvino_each(files["exact"], x))
     assert exact.top1_agreement >= 0.9995 and exact.cosine >= 0.9999, exact
     assert 1.0 - exact.cosine_mean < (1.0 - fused.cosine_mean) / 10, (fused, exact)
 
