@@ -74,6 +74,8 @@ class ExportRequest:
         exact_residuals: mixed encoding: make OpenVINO round each Conv output that enters
             a residual Add, as ONNX Runtime does (slower; see
             `deploykit.stages.ovqdq.materialise_residual_inputs`).
+        overflow_fix: auto, on or off: bound INT8 weight scales so CPUs without VNNI
+            cannot saturate their 16-bit sums (`deploykit.stages.overflow`).
         eval_data: Evaluation sets (names, manifests or labelled folders); None = the
             model's own sets when it has real weights, none otherwise.
         eval_samples: Inputs per evaluation set; None = the whole set.
@@ -119,6 +121,7 @@ class ExportRequest:
     quantizer: str = "deploykit"
     int8_encoding: str | None = None
     exact_residuals: bool = False
+    overflow_fix: str = "auto"
     eval_data: list[str] | None = None
     eval_samples: int | None = None
     max_accuracy_drop: float = 1.0
@@ -266,6 +269,7 @@ def export(request: ExportRequest, on_step: Step = _quiet) -> ExportResult:
             bias_correction=request.bias_correction,
             use_cache=request.calib_cache,
             exact_residuals=request.exact_residuals,
+            overflow_fix=request.overflow_fix,
         )
         calib_options.validate()
         if request.quantizer not in ("deploykit", caps.native_quantizer):
@@ -657,6 +661,7 @@ def calibrate(
     opset: int = 18,
     seed: int = 0,
     exact_residuals: bool = False,
+    overflow_fix: str = "auto",
     on_step: Step = _quiet,
 ) -> dict[str, Any]:
     """Export, fuse and calibrate `model` into ``<out>/model.int8.qdq.onnx`` (no backend).
@@ -681,6 +686,7 @@ def calibrate(
         bias_correction=bias_correction,
         use_cache=calib_cache,
         exact_residuals=exact_residuals,
+        overflow_fix=overflow_fix,
     )
     options.validate()
     source, contract = resolve(model, weights, seed, input_size)
@@ -781,6 +787,14 @@ def _calibrate_stage(
     qdq = work / "model.int8.qdq.onnx"
     calib_report = calibrate_onnx(fused, qdq, data, options)
     _stage(report, "calibrate", started, work, qdq, calib_report.to_dict())
+    if options.encoding != "s8s8" and not calib_report.overflow_fix.get("applied"):
+        from deploykit.stages.overflow import cpu_saturates
+
+        if cpu_saturates():
+            report.notes.append(
+                "INT8 weights use their full range on a CPU without VNNI, whose 16-bit "
+                "INT8 sums can saturate: expect lost accuracy (--overflow-fix auto bounds them)"
+            )
     return qdq, (data, options)
 
 

@@ -88,6 +88,14 @@ def _calibration_options(func: Any) -> Any:
             "Add, as the Q/DQ file and ONNX Runtime do (OpenVINO's Conv+Add fusion skips "
             "it); the two backends then agree, at some OpenVINO latency.",
         ),
+        click.option(
+            "--overflow-fix",
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            show_default=True,
+            help="Bound INT8 weight scales so CPUs without VNNI cannot saturate their "
+            "16-bit sums; auto: for the CPU encodings on such a CPU.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -239,6 +247,7 @@ def export(
     bias_correction: bool | None,
     no_calib_cache: bool,
     exact_residuals: bool,
+    overflow_fix: str,
     quantizer: str,
     bn_recalibrate: bool,
     int8_encoding: str | None,
@@ -293,6 +302,7 @@ def export(
         bn_recalibrate=bn_recalibrate,
         int8_encoding=int8_encoding,
         exact_residuals=exact_residuals,
+        overflow_fix=overflow_fix,
         eval_data=[] if no_eval else (list(eval_data) or None),
         eval_samples=eval_samples,
         max_accuracy_drop=max_accuracy_drop,
@@ -356,6 +366,7 @@ def calibrate(
     bias_correction: bool | None,
     no_calib_cache: bool,
     exact_residuals: bool,
+    overflow_fix: str,
     weights: str | None,
     input_size: str | None,
     as_json: bool,
@@ -378,6 +389,7 @@ def calibrate(
             weights=weights,
             input_size=_parse_size(input_size),
             exact_residuals=exact_residuals,
+            overflow_fix=overflow_fix,
             on_step=status.update,
         )
     if as_json:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from runners import openvino_each, run_each
 
 from deploykit import api
 from deploykit.backends.registry import get_backend
@@ -307,7 +308,7 @@ def test_each_backends_file_from_one_calibration_agrees_on_a_trained_net(tmp_pat
         files[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
     contract = get_model_spec("fmnist_mobilenet_v1").contract
     x = load_eval_data("fashion-mnist-test", contract, 2000).inputs
-    fid = compare_outputs(_run_each(files["u8s8"], x), _openvino_each(files["mixed"], x))
+    fid = compare_outputs(run_each(files["u8s8"], x), openvino_each(files["mixed"], x))
     assert fid.top1_agreement >= 0.995, fid
     assert fid.cosine_mean >= 0.9995 and fid.cosine >= 0.999, fid
 
@@ -320,26 +321,6 @@ def _need_fashion_mnist() -> None:
             origin_root(source.origin)
     except UserError as exc:
         pytest.skip(f"Fashion-MNIST is not installed: {exc}")
-
-
-def _run_each(path: Path, x: np.ndarray, optimise: bool = True) -> np.ndarray:
-    """ONNX Runtime on `path`, one input at a time (graph optimisations off: the reference)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not optimise:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-
-
-def _openvino_each(path: Path, x: np.ndarray) -> np.ndarray:
-    """OpenVINO (true FP32 where not INT8) on `path`, one input at a time."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return np.concatenate([compiled(x[i : i + 1])[0] for i in range(len(x))])
 
 
 @pytest.mark.openvino
@@ -387,12 +368,12 @@ def test_exact_residuals_make_openvino_compute_what_onnxruntime_computes(tmp_pat
     x = load_eval_data("fashion-mnist-test", contract, 2000).inputs
     # The same function as the mixed file, to the bit (a 1x1 max is the identity).
     np.testing.assert_array_equal(
-        _run_each(files["exact"], x[:200], optimise=False),
-        _run_each(files["mixed"], x[:200], optimise=False),
+        run_each(files["exact"], x[:200], optimise=False),
+        run_each(files["mixed"], x[:200], optimise=False),
     )
-    ort_out = _run_each(files["u8s8"], x)
-    fused = compare_outputs(ort_out, _openvino_each(files["mixed"], x))
-    exact = compare_outputs(ort_out, _openvino_each(files["exact"], x))
+    ort_out = run_each(files["u8s8"], x)
+    fused = compare_outputs(ort_out, openvino_each(files["mixed"], x))
+    exact = compare_outputs(ort_out, openvino_each(files["exact"], x))
     assert exact.top1_agreement >= 0.9995 and exact.cosine >= 0.9999, exact
     assert 1.0 - exact.cosine_mean < (1.0 - fused.cosine_mean) / 10, (fused, exact)
 

@@ -136,3 +136,31 @@ def outlier_net() -> nn.Module:
     """The INT8-sensitive net, seeded."""
     torch.manual_seed(3)
     return OutlierNet().eval()
+
+
+class SaturatingNet(nn.Module):
+    """A 1x1 convolution whose neighbouring weights are all large, fed by saturated ReLU6s.
+
+    Every pair of products reaches ~2 x 127 x 255 in INT8: far past the 16-bit sums of
+    CPUs without VNNI unless the weight scales are bounded (`deploykit.stages.overflow`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.mix = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.stem.bias.fill_(4.0)
+            self.mix.weight.copy_(0.5 + 0.5 * torch.rand_like(self.mix.weight))
+            self.mix.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.clamp(self.stem(x), 0.0, 6.0))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def saturating_net() -> nn.Module:
+    """SaturatingNet, seeded."""
+    torch.manual_seed(5)
+    return SaturatingNet().eval()

@@ -53,6 +53,7 @@ REQUEST_FIELDS: dict[str, str | None] = {
     "quantizer": "calibration.quantizer",
     "int8_encoding": "calibration.encoding",
     "exact_residuals": "calibration.exact_residuals",
+    "overflow_fix": "calibration.overflow_fix",
     "eval_data": "evaluation.data",
     "eval_samples": "evaluation.samples",
     "max_accuracy_drop": "gates.max_accuracy_drop",

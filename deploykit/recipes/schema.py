@@ -148,6 +148,11 @@ class CalibrationSection(_Section):
         description="mixed encoding (OpenVINO): round each Conv output that enters a "
         "residual Add, as ONNX Runtime does (OpenVINO's Conv+Add fusion skips it).",
     )
+    overflow_fix: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Bound INT8 weight scales so CPUs without VNNI cannot saturate their "
+        "16-bit sums; auto: for the CPU encodings on such a CPU.",
+    )
     quantizer: str = Field(
         default="deploykit",
         min_length=1,

@@ -47,6 +47,7 @@ rounding error averages out and correction costs time for little gain.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,7 +369,16 @@ def _out_channels(node: Any, weight_dq: Any, inits: dict[str, Any]) -> int | Non
 
 
 def _run_all(model: Any, outputs: list[str], inputs: np.ndarray) -> list[np.ndarray]:
-    """Run `model` over `inputs` in batches; return each tensor of `outputs`, concatenated.
+    return run_reduced(model, outputs, inputs, _reduce)
+
+
+def run_reduced(
+    model: Any,
+    outputs: list[str],
+    inputs: np.ndarray,
+    reduce: Callable[[np.ndarray], np.ndarray],
+) -> list[np.ndarray]:
+    """Run `model` over `inputs` in batches; return `reduce` of each of `outputs`, concatenated.
 
     Tensors that are not graph outputs are exposed as extra outputs.
     """
@@ -395,7 +405,7 @@ def _run_all(model: Any, outputs: list[str], inputs: np.ndarray) -> list[np.ndar
     for chunk in _chunks(model, inputs):
         values = session.run(outputs, {first.name: chunk})
         for part, value in zip(parts, values, strict=True):
-            part.append(_reduce(np.asarray(value)))
+            part.append(reduce(np.asarray(value)))
     return [np.concatenate(p) for p in parts]
 
 

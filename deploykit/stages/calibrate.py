@@ -61,7 +61,7 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import calibcache, entropy, ovqdq
+from deploykit.stages import calibcache, entropy, overflow, ovqdq
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -139,6 +139,9 @@ class CalibrationOptions:
         exact_residuals: mixed only: make OpenVINO round each Conv output that enters a
             residual Add, as the file says (`ovqdq.materialise_residual_inputs`), so
             it computes what ONNX Runtime computes from the u8s8 file; slower.
+        overflow_fix: auto, on or off: bound the weight scales so that CPUs without
+            VNNI cannot saturate their 16-bit INT8 sums (`deploykit.stages.overflow`);
+            auto does it for u8s8/mixed on such a CPU.
     """
 
     method: str = "minmax"
@@ -149,6 +152,7 @@ class CalibrationOptions:
     use_cache: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     exact_residuals: bool = False
+    overflow_fix: str = "auto"
 
     def validate(self) -> None:
         """Raise UserError for unknown choices."""
@@ -164,6 +168,10 @@ class CalibrationOptions:
             raise UserError(
                 f"--exact-residuals applies to the mixed encoding (OpenVINO's), not "
                 f"{self.encoding}: use it with --target openvino or --encoding mixed"
+            )
+        if self.overflow_fix not in overflow.MODES:
+            raise UserError(
+                f"unknown overflow fix {self.overflow_fix!r}: choose {', '.join(overflow.MODES)}"
             )
         if not 90.0 <= self.percentile < 100.0:
             raise UserError(f"--calib-percentile must be in [90, 100), got {self.percentile}")
@@ -233,6 +241,7 @@ class CalibrationReport:
     preprocess: str = "ok"
     bias_correction: dict[str, Any] = field(default_factory=dict)
     exact_residuals: bool = False
+    overflow_fix: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -291,7 +300,7 @@ def calibrate_onnx(
         t0 = time.perf_counter()
         stats, cache, key = _statistics(fused, prep, data, options)
         t1 = time.perf_counter()
-        model = _write_qdq(prep, stats, options.encoding, options.per_channel, options)
+        model, fix = _write_qdq(prep, stats, options, data.inputs)
         t2 = time.perf_counter()
         counts = op_counts(model)
         if not counts.get("QuantizeLinear"):
@@ -321,6 +330,7 @@ def calibrate_onnx(
         preprocess=prep.note,
         bias_correction=bias.to_dict(),
         exact_residuals=options.exact_residuals,
+        overflow_fix=fix.to_dict(),
     )
 
 
@@ -344,6 +354,7 @@ def write_qdq(
     per_channel: bool = True,
     nodes_to_exclude: Sequence[str] = (),
     exact_residuals: bool = False,
+    overflow_fix: str = "auto",
 ) -> Any:
     """Write the Q/DQ model of `fused` in `encoding` from precomputed `stats` (no calibration).
 
@@ -355,6 +366,8 @@ def write_qdq(
         per_channel: Per-output-channel weight scales.
         nodes_to_exclude: Nodes kept in float (no Q/DQ on their weights).
         exact_residuals: mixed only: see `CalibrationOptions.exact_residuals`.
+        overflow_fix: See `CalibrationOptions.overflow_fix`; without calibration data the
+            bound assumes every input code can reach 255.
 
     Returns:
         The Q/DQ ``onnx.ModelProto`` that was written.
@@ -368,6 +381,7 @@ def write_qdq(
         per_channel=per_channel,
         nodes_to_exclude=tuple(nodes_to_exclude),
         exact_residuals=exact_residuals,
+        overflow_fix=overflow_fix,
     )
     options.validate()
     with _prepared(fused) as prep:
@@ -378,7 +392,7 @@ def write_qdq(
                 f"statistics name {len(unknown)} tensors that {fused.name} lacks "
                 f"(first: {unknown[0]!r}); collect them on this model"
             )
-        model = _write_qdq(prep, stats, encoding, per_channel, options)
+        model, _ = _write_qdq(prep, stats, options, None)
         _save_checked(model, out_path)
     return model
 
@@ -525,11 +539,14 @@ def _seed_histograms(calibrator: Any, batches: list[np.ndarray], input_name: str
 def _write_qdq(
     prep: _Prepared,
     stats: CalibrationStats,
-    encoding: str,
-    per_channel: bool,
     options: CalibrationOptions,
-) -> Any:
-    """The Q/DQ ModelProto of the prepared graph, as ``quantize_static`` would write it."""
+    inputs: np.ndarray | None,
+) -> tuple[Any, overflow.OverflowReport]:
+    """The Q/DQ ModelProto of the prepared graph, as ``quantize_static`` would write it.
+
+    `inputs` (calibration data) give the overflow fix its per-channel bounds; without
+    them it assumes the worst code.
+    """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import (
@@ -537,6 +554,7 @@ def _write_qdq(
         update_opset_version,
     )
 
+    encoding, per_channel = options.encoding, options.per_channel
     activation = QuantType.QInt8 if encoding == "s8s8" else QuantType.QUInt8
     op_types = _op_types_to_quantize()
     extra: dict[str, Any] = {
@@ -569,6 +587,9 @@ def _write_qdq(
             for tensor, (lo, _) in stats.ranges.items()
             if lo < 0.0
         }
+    fix = _overflow_overrides(prep, stats, options, inputs)
+    if fix.overrides:
+        extra.setdefault("TensorQuantOverrides", {}).update(fix.overrides)
     with _quiet_ort():
         model = load_model_with_shape_infer(prep.path)
         model = update_opset_version(model, QuantType.QInt8, activation)
@@ -596,7 +617,29 @@ def _write_qdq(
         if options.exact_residuals:
             ovqdq.materialise_residual_inputs(model)
     float_outputs(model, keep_conv=encoding == "u8s8")
-    return model
+    return model, fix
+
+
+def _overflow_overrides(
+    prep: _Prepared,
+    stats: CalibrationStats,
+    options: CalibrationOptions,
+    inputs: np.ndarray | None,
+) -> overflow.OverflowReport:
+    """The overflow fix's decision and, when it applies, its weight overrides."""
+    enabled, reason = overflow.decide(options.overflow_fix, options.encoding)
+    if not enabled:
+        return overflow.OverflowReport(applied=False, reason=reason)
+    weights = overflow.candidates(prep.model, options.nodes_to_exclude)
+    peaks = None
+    if inputs is not None:
+        wanted = [w.input for w in weights if w.input in stats.ranges]
+        peaks = overflow.channel_peaks(prep.model, wanted, inputs)
+    report = overflow.weight_overrides(
+        prep.model, stats.ranges, peaks, options.per_channel, options.nodes_to_exclude
+    )
+    report.reason = reason
+    return report
 
 
 def restore_activations(model: Any, original: Any) -> list[str]:
