@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deploykit.harness import coverage as cov
+from deploykit.harness.coverage_report import bounded_weights_xfail
 from deploykit.models.contract import InputContract
 from deploykit.stages import bnrecal
 
@@ -440,4 +441,8 @@ def test_int8_cosine_on_random_weight_rows(
     full_small_doc: dict[str, Any], model: str, backend: str
 ) -> None:
     cell = _row(full_small_doc, model)["cells"][f"{backend}/int8"]
+    golden = _golden()
+    expected = _row(golden, model)["cells"][f"{backend}/int8"]["status"]
+    if bounded_weights_xfail(cell, expected, full_small_doc, golden):
+        pytest.xfail(f"bounded INT8 weights on a CPU without VNNI: {cell['error']}")
     assert cell["vs_fp32"]["cosine"] >= cov.INT8_MIN_COSINE, cell

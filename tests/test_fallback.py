@@ -9,6 +9,7 @@ import pytest
 
 from deploykit import api
 from deploykit.errors import GateError
+from deploykit.stages import overflow
 from deploykit.stages.fallback import LayerSensitivity, run_fallback, schedule
 
 SIZE = ["--input-size", "32"]
@@ -92,10 +93,20 @@ def test_fallback_recovers_accuracy_on_a_sensitive_model(
     assert after["drop"] <= 3.0 and after["top1"] >= before["top1"] + 50.0
     excluded = report.fallback["excluded"]
     # The outlier activation (the output of `mid`) ranks first, and keeping its two
-    # layers in float is enough: the stem and the head stay INT8.
+    # layers in float is enough: the stem and the head stay INT8. Without VNNI the
+    # stem's weight scales are bounded against 16-bit overflow (deploykit.stages.overflow)
+    # and one more image is lost (drop 3.5 on 200 images after the first step, measured
+    # on an AVX2-only EPYC), so the stem falls back in a second step.
     assert report.fallback["ranking"][0]["nodes"] == ["node_conv2d_1", "node_conv2d_2"]
-    assert excluded == ["node_conv2d_1", "node_conv2d_2"]
-    assert len(report.fallback["steps"]) == 1
+    assert report.fallback["steps"][0]["excluded"] == ["node_conv2d_1", "node_conv2d_2"]
+    if overflow.cpu_saturates():
+        assert excluded in (
+            ["node_conv2d_1", "node_conv2d_2"],
+            ["node_conv2d", "node_conv2d_1", "node_conv2d_2"],
+        )
+    else:
+        assert excluded == ["node_conv2d_1", "node_conv2d_2"]
+        assert len(report.fallback["steps"]) == 1
     # The kept artifact still runs integer kernels for the layers left in INT8.
     gate = next(g for g in report.gates if g.name == "precision")
     assert gate.passed and gate.detail.startswith("mixed:")

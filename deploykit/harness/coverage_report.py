@@ -173,12 +173,37 @@ def check_against_golden(doc: dict[str, Any], golden: dict[str, Any]) -> list[st
             problems.append(f"{model}: grouped/depthwise structure changed")
         for key, cell in row["cells"].items():
             expected = want["cells"].get(key, {}).get("status")
-            if cell["status"] != expected:
+            if cell["status"] != expected and not bounded_weights_xfail(
+                cell, expected, doc, golden
+            ):
                 detail = cell.get("error", "")
                 problems.append(f"{model} {key}: {cell['status']} ({detail}), golden {expected}")
     missing = sorted(set(golden_rows) - {row["model"] for row in doc["rows"]})
     problems += [f"{m}: in the golden run but not run" for m in missing if not doc.get("subset")]
     return problems
+
+
+def bounded_weights_xfail(
+    cell: dict[str, Any], expected: str | None, doc: dict[str, Any], golden: dict[str, Any]
+) -> bool:
+    """A golden INT8 pass that is a chaotic-network xfail because this CPU lacks VNNI.
+
+    Without VNNI the overflow fix bounds the INT8 weight scales
+    (`deploykit.stages.overflow`), which costs a little resolution; a random-weight
+    network that amplifies perturbations past `CHAOTIC_GAIN` and passed narrowly on the
+    golden VNNI CPU then falls just under the threshold. Measured: dpn_small on OpenVINO,
+    cosine 0.9916 on the golden Xeon, 0.9824 bounded on an AVX2-only EPYC (0.9414 there
+    with full-range weights, which saturate).
+    """
+    from deploykit.stages.overflow import cpu_saturates
+
+    return (
+        expected == "pass"
+        and cell["status"] == "xfail"
+        and "amplifies input perturbations" in cell.get("error", "")
+        and cpu_saturates(doc.get("device", {}))
+        and not cpu_saturates(golden.get("device", {}))
+    )
 
 
 def write_outputs(doc: dict[str, Any], json_path: Path | None, markdown_path: Path | None) -> None:
