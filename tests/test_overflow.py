@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from runners import openvino_each, run_each
 
 from deploykit import api
+from deploykit.cli import main
+from deploykit.errors import GateError, UserError
 from deploykit.harness.fidelity import compare_outputs
 from deploykit.harness.inputs import synthetic_images
 from deploykit.models.contract import InputContract
 from deploykit.stages import overflow
+from deploykit.stages.calibrate import CalibrationOptions
 
 XEON = {"arch": "x86_64", "name": "Xeon", "features": ["avx2", "avx512f", "avx512_vnni"]}
 EPYC = {"arch": "x86_64", "name": "EPYC", "features": ["avx2", "fma"]}
@@ -146,3 +150,42 @@ def test_int8_kernels_compute_the_bounded_file_exactly(
         path = saturating[f"{encoding}-off"] / "model.int8.qdq.onnx"
         clamped = compare_outputs(run_each(path, x, optimise=False), kernels(path, x))
         assert clamped.cosine < 0.999, clamped
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_an_export_records_the_fix_and_warns_when_it_is_off_where_needed(
+    tmp_path: Path, mode: str
+) -> None:
+    request = api.ExportRequest(
+        model="tinynets:tiny_net",
+        target="onnxruntime",
+        precision="int8",
+        input_size=(32, 32),
+        calib="synthetic",
+        calib_samples=8,
+        overflow_fix=mode,
+        runs=2,
+        warmup=1,
+        min_seconds=0.0,
+        fidelity_samples=4,
+        fallback=False,
+        out=str(tmp_path),
+    )
+    try:
+        api.export(request)
+    except GateError:  # full-range weights on a CPU without VNNI may miss the gate
+        assert mode == "off" and overflow.cpu_saturates()
+    report = api.load_report(tmp_path / "tiny_net" / "onnxruntime-int8")
+    fix = next(s for s in report.stages if s.name == "calibrate").details["overflow_fix"]
+    assert fix["applied"] == (mode == "auto" and overflow.cpu_saturates())
+    warned = any("without VNNI" in note for note in report.notes)
+    assert warned == (mode == "off" and overflow.cpu_saturates())
+
+
+def test_an_unknown_overflow_fix_is_bad_input() -> None:
+    result = CliRunner().invoke(
+        main, ["export", "tinynets:tiny_net", "-t", "onnxruntime", "--overflow-fix", "always"]
+    )
+    assert result.exit_code == 2 and "always" in result.output
+    with pytest.raises(UserError, match="overflow fix"):
+        CalibrationOptions(overflow_fix="always").validate()
