@@ -635,11 +635,7 @@ def _overflow_overrides(
     if inputs is not None:
         wanted = [w.input for w in weights if w.input in stats.ranges]
         peaks = overflow.channel_peaks(prep.model, wanted, inputs)
-    report = overflow.weight_overrides(
-        prep.model, stats.ranges, peaks, options.per_channel, options.nodes_to_exclude
-    )
-    report.reason = reason
-    return report
+    return overflow.weight_overrides(weights, stats.ranges, peaks, options.per_channel, reason)
 
 
 def restore_activations(model: Any, original: Any) -> list[str]:

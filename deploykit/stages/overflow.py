@@ -123,7 +123,7 @@ def decide(mode: str, encoding: str, info: Mapping[str, Any] | None = None) -> t
 
 
 @dataclass(frozen=True)
-class _Weight:
+class Candidate:
     """A Conv/Gemm weight the fix may bound, with its reduction-axis layout."""
 
     name: str
@@ -132,7 +132,7 @@ class _Weight:
     axis: int  # the weight's per-channel axis in the ONNX initializer
 
 
-def candidates(model: Any, excluded: Sequence[str] = ()) -> list[_Weight]:
+def candidates(model: Any, excluded: Sequence[str] = ()) -> list[Candidate]:
     """Conv (not depthwise) and Gemm weights of `model`, the ops whose kernels pair products."""
     from onnx import numpy_helper
 
@@ -147,11 +147,11 @@ def candidates(model: Any, excluded: Sequence[str] = ()) -> list[_Weight]:
             group = attrs["group"].i if "group" in attrs else 1
             if group > 1 and weight.shape[1] == 1:
                 continue  # depthwise: 32-bit arithmetic in both runtimes
-            found.append(_Weight(node.input[1], node.input[0], weight, 0))
+            found.append(Candidate(node.input[1], node.input[0], weight, 0))
         elif node.op_type == "Gemm" and weight.ndim == 2:
             trans_b = "transB" in attrs and attrs["transB"].i == 1
             rows = weight if trans_b else weight.T
-            found.append(_Weight(node.input[1], node.input[0], rows, 0 if trans_b else 1))
+            found.append(Candidate(node.input[1], node.input[0], rows, 0 if trans_b else 1))
     return found
 
 
@@ -202,24 +202,24 @@ def bounded_amax(rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 def weight_overrides(
-    model: Any,
+    weights: Sequence[Candidate],
     ranges: Mapping[str, tuple[float, float]],
     peaks: Mapping[str, np.ndarray] | None,
     per_channel: bool,
-    excluded: Sequence[str] = (),
+    reason: str,
 ) -> OverflowReport:
     """onnxruntime ``TensorQuantOverrides`` that bound each candidate weight's range.
 
     Args:
-        model: The prepared FP32 graph the quantizer reads.
+        weights: The candidates (`candidates`) of the prepared FP32 graph.
         ranges: Activation ranges, for the grid of each weight's input.
         peaks: Per-channel peaks of those inputs on the calibration data (None: 255).
         per_channel: Per-channel weight scales (else one range per weight).
-        excluded: Nodes kept in float.
+        reason: Why the fix applies (`decide`), for the report.
     """
     overrides: dict[str, list[dict[str, Any]]] = {}
     ratios = []
-    for weight in candidates(model, excluded):
+    for weight in weights:
         if weight.input not in ranges:
             continue  # input stays float: the weight is not quantized either
         lo, hi = ranges[weight.input]
@@ -239,7 +239,7 @@ def weight_overrides(
             overrides[weight.name] = [{"rmin": -float(bound[0]), "rmax": float(bound[0])}]
     return OverflowReport(
         applied=True,
-        reason="",
+        reason=reason,
         layers=len(overrides),
         resolution=float(np.mean(ratios)) if ratios else 1.0,
         bound="full-range" if peaks is None else "calibration",
