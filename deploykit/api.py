@@ -60,7 +60,7 @@ class ExportRequest:
         fidelity_samples: Inputs compared against the FP32 PyTorch model.
         out: Output root; the run folder is ``<out>/<model>/<target>-<precision>``.
         calib: INT8 calibration data: a folder of images, a .npy/.npz file, or ``synthetic``.
-        calib_method: minmax, entropy or percentile.
+        calib_method: minmax, entropy, percentile or mse.
         calib_samples: Number of calibration inputs.
         calib_percentile: Percentile for ``calib_method="percentile"``.
         per_channel: Per-channel weight scales (per-tensor when False).

@@ -57,7 +57,7 @@ def _calibration_options(func: Any) -> Any:
     options = [
         click.option(
             "--calib-method",
-            type=click.Choice(["minmax", "entropy", "percentile"]),
+            type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
             default="minmax",
             show_default=True,
             help="Calibration statistics.",

@@ -51,7 +51,7 @@ def _split(value: str, label: str) -> tuple[str, ...]:
 @click.option("--calib-samples", type=int, default=256, show_default=True)
 @click.option(
     "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
+    type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
     default="minmax",
     show_default=True,
     help="INT8 calibration statistics.",

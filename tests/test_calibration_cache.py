@@ -374,7 +374,7 @@ def test_both_encodings_come_from_one_collection(net: Path, tmp_path: Path) -> N
     assert inits[q_input.input[1]] == pytest.approx(stats.symmetric_amax("input") / 127, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["percentile", "entropy"])
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
 def test_histogram_statistics_fed_in_groups_match_one_pass(
     method: str, net: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -631,3 +631,22 @@ def test_entropy_is_not_minmax(net: Path) -> None:
     ).ranges
     narrower = [t for t in minmax if entropy[t][1] - entropy[t][0] < minmax[t][1] - minmax[t][0]]
     assert len(narrower) >= len(minmax) // 2
+
+
+def test_mse_ranges_lie_within_minmax_and_differ_from_entropy(net: Path) -> None:
+    """MSE thresholds come from the same histograms as entropy but by their own search."""
+    data = _data(seed=8, count=16)
+    minmax = calibrate.collect_statistics(net, data, calibrate.CalibrationOptions()).ranges
+    stats = calibrate.collect_statistics(net, data, calibrate.CalibrationOptions(method="mse"))
+    entropy = calibrate.collect_statistics(
+        net, data, calibrate.CalibrationOptions(method="entropy")
+    ).ranges
+    assert stats.method == "mse" and stats.percentile is None
+    assert stats.ranges.keys() == minmax.keys()
+    for tensor, (lo, hi) in stats.ranges.items():
+        assert minmax[tensor][0] <= lo <= hi <= minmax[tensor][1], tensor
+    narrower = [
+        t for t in minmax if stats.ranges[t][1] - stats.ranges[t][0] < minmax[t][1] - minmax[t][0]
+    ]
+    assert len(narrower) >= len(minmax) // 2
+    assert any(stats.ranges[t] != entropy[t] for t in entropy)

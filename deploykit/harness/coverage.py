@@ -122,7 +122,7 @@ class CoverageOptions:
         calib_samples: INT8 calibration inputs (the whole shipped natural-images-calib set:
             with 32 the ranges miss outliers of held-out images, e.g. the shuffled grouped
             block's INT8 cosine is 0.958 with 32 and 0.9993 with 256).
-        calib_method: minmax, entropy or percentile.
+        calib_method: minmax, entropy, percentile or mse.
         bn_samples: Images for BatchNorm re-estimation of random-weight rows.
         bn_recalibrate: Re-estimate BatchNorm statistics of random-weight rows.
         latency_runs: Timed runs per cell (a few: this is coverage, not a benchmark).
@@ -171,10 +171,10 @@ class CoverageOptions:
         ):
             if value < 1:
                 raise UserError(f"{label} must be at least 1, got {value}")
-        if self.calib_method not in ("minmax", "entropy", "percentile"):
+        if self.calib_method not in ("minmax", "entropy", "percentile", "mse"):
             raise UserError(
-                f"unknown calibration method {self.calib_method!r}: choose minmax, entropy "
-                "or percentile"
+                f"unknown calibration method {self.calib_method!r}: choose minmax, entropy, "
+                "percentile or mse"
             )
         if self.jobs < 1:
             raise UserError(f"--jobs must be at least 1, got {self.jobs}")

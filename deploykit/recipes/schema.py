@@ -124,7 +124,7 @@ class CalibrationSection(_Section):
         description="A set from `deploykit datasets` (calibration/*.json), an image folder, "
         "a .npy/.npz file, or 'synthetic'; default the model's own set when it has real weights.",
     )
-    method: Literal["minmax", "entropy", "percentile"] = Field(
+    method: Literal["minmax", "entropy", "percentile", "mse"] = Field(
         default="minmax", description="Calibration statistics."
     )
     samples: int = Field(default=256, ge=1, description="Number of calibration inputs.")

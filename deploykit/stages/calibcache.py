@@ -62,7 +62,7 @@ class CacheKey:
         input_shape: Shape of the preprocessed input array (N, C, H, W).
         inputs_sha256: Digest of the preprocessed float32 array, so that a change of
             preprocessing (mean, std, resize) over the same files is a different key.
-        method: minmax, entropy or percentile.
+        method: minmax, entropy, percentile or mse.
         percentile: The percentile for ``method="percentile"``; None for the other
             methods, which do not use it (changing it must not discard their entries).
         onnxruntime: The onnxruntime version that computes the statistics.

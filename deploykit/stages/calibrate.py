@@ -24,7 +24,10 @@ grid, float graph outputs):
   ONNX Runtime's own search mis-handles ReLU outputs) and the range is
   ``[max(min, -t), min(max, t)]``;
 - percentile: ONNX Runtime's default, a histogram of ``|x|``; the threshold ``t``
-  becomes ``[max(min, -t), min(max, t)]`` (so a ReLU output gets ``[0, t]``).
+  becomes ``[max(min, -t), min(max, t)]`` (so a ReLU output gets ``[0, t]``);
+- mse: entropy's histograms; ``t`` minimises the expected squared quantization error
+  on the tensor's grid (deploykit's, `deploykit.stages.mse`: ONNX Runtime has no MSE
+  search), the range as for entropy.
 
 u8s8 uses ``[lo, hi]`` as is (asymmetric UINT8) for non-negative ranges and the
 symmetric INT8 grid, shifted to UINT8, for signed ones (scale ``max(|lo|, |hi|) / 127``,
@@ -61,10 +64,10 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import calibcache, entropy, overflow, ovqdq
+from deploykit.stages import calibcache, entropy, mse, overflow, ovqdq
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile", "mse")
 # s8s8: symmetric INT8 activations and weights, zero points 0 — what TensorRT's strongly
 #   typed build requires; the portable file.
 # u8s8: asymmetric UINT8 activations, symmetric INT8 per-channel weights. Measured with
@@ -125,7 +128,7 @@ class CalibrationOptions:
     """How to calibrate.
 
     Attributes:
-        method: minmax, entropy (KL) or percentile.
+        method: minmax, entropy (KL), percentile or mse.
         percentile: Percentile of |activation| kept with ``method="percentile"``.
         encoding: s8s8 (portable, symmetric), u8s8 (ONNX Runtime on x86) or mixed
             (OpenVINO); see ENCODINGS.
@@ -460,8 +463,9 @@ def _collect(prep: _Prepared, data: Dataset, options: CalibrationOptions) -> Cal
                 _seed_histograms(calibrator, chunks, name)
             for group in groups:
                 calibrator.collect_data(Reader(group))
-            if options.method == "entropy":
-                return CalibrationStats(options.method, None, _entropy_ranges(calibrator))
+            if options.method in HISTOGRAM_SEARCHES:
+                searched = _searched_ranges(calibrator, HISTOGRAM_SEARCHES[options.method])
+                return CalibrationStats(options.method, None, searched)
             tensors = calibrator.compute_data()
         except ValueError as exc:
             if options.method == "minmax":
@@ -930,6 +934,7 @@ def _ort_method(method: str) -> Any:
     return {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
+        "mse": CalibrationMethod.Entropy,  # its histograms; the search is deploykit's
         "percentile": CalibrationMethod.Percentile,
     }[method]
 
@@ -948,17 +953,20 @@ ENTROPY_BINS = 4096
 
 
 def _method_options(method: str) -> dict[str, Any]:
-    return {"num_bins": ENTROPY_BINS} if method == "entropy" else {}
+    return {"num_bins": ENTROPY_BINS} if method in HISTOGRAM_SEARCHES else {}
 
 
-def _entropy_ranges(calibrator: Any) -> dict[str, tuple[float, float]]:
-    """Entropy ranges from the calibrator's histograms, by deploykit.stages.entropy.
+# Methods whose threshold deploykit searches on ONNX Runtime's entropy histograms:
+# ONNX Runtime's own KL search mis-handles ReLU outputs (deploykit.stages.entropy) and
+# it has no MSE search (deploykit.stages.mse).
+HISTOGRAM_SEARCHES = {"entropy": entropy.entropy_range, "mse": mse.mse_range}
 
-    ONNX Runtime's own threshold search mis-handles ReLU outputs (see that module).
-    """
+
+def _searched_ranges(calibrator: Any, search: Any) -> dict[str, tuple[float, float]]:
+    """Each tensor's range from the calibrator's signed histogram, by ``search``."""
     histograms = calibrator.collector.histogram_dict
     return {
-        tensor: entropy.entropy_range(hist, edges, float(lo), float(hi))
+        tensor: search(hist, edges, float(lo), float(hi))
         for tensor, (hist, edges, lo, hi, _threshold) in histograms.items()
     }
 

@@ -14,7 +14,7 @@ deploykit's calibration methods map onto NNCF's range estimators:
   activations: mean over samples of each sample's min/max).
 * ``percentile``: activations take the mean over samples of each sample's
   ``1 - p`` and ``p`` quantiles (``p`` = ``--calib-percentile``); weights stay min/max.
-* ``entropy`` (KL divergence) has no NNCF equivalent and is refused.
+* ``entropy`` (KL divergence) and ``mse`` have no NNCF equivalent and are refused.
 """
 
 from __future__ import annotations
