@@ -4,9 +4,11 @@ For each tensor, the threshold ``t`` minimises the expected squared error betwee
 activation and its quantized value, clipping and rounding together, estimated from the
 tensor's histogram (the collection entropy uses, `deploykit.stages.entropy`). This is
 the "mse" range of NVIDIA's pytorch-quantization and TensorRT Model Optimizer
-(``_compute_amax_mse``); ONNX Runtime's calibrators (1.32) offer min-max, entropy,
-percentile and a distribution fit for float8, not this, and NNCF's ONNX range
-estimators no MSE search either, so deploykit computes it on ONNX Runtime's histograms.
+(``_compute_amax_mse``). ONNX Runtime's calibrators (1.32) offer min-max, entropy,
+percentile and a distribution fit for float8, not this. NNCF has a search of the kind
+(``RangeEstimatorParametersSet.HISTOGRAM``, a port of PyTorch's HistogramObserver), but
+inside its own quantizer of an OpenVINO graph; computed here on ONNX Runtime's
+histograms, one calibration gives the Q/DQ file of every backend.
 
 The error is measured on the grid the CPU encodings give the tensor: a non-negative
 tensor (a ReLU output) keeps ``[0, t]`` on 255 UINT8 steps, a signed one ``[-t, t]`` on

@@ -14,7 +14,9 @@ deploykit's calibration methods map onto NNCF's range estimators:
   activations: mean over samples of each sample's min/max).
 * ``percentile``: activations take the mean over samples of each sample's
   ``1 - p`` and ``p`` quantiles (``p`` = ``--calib-percentile``); weights stay min/max.
-* ``entropy`` (KL divergence) and ``mse`` have no NNCF equivalent and are refused.
+* ``entropy`` (KL divergence) has no NNCF equivalent and is refused; so is ``mse``,
+  which is not mapped onto NNCF's histogram search (``RangeEstimatorParametersSet.
+  HISTOGRAM``, a quantization-error minimisation like deploykit's, not the same one).
 """
 
 from __future__ import annotations
