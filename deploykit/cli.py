@@ -15,6 +15,7 @@ import click
 from deploykit import __version__
 from deploykit.cli_common import console as _console
 from deploykit.errors import DeployKitError
+from deploykit.stages import CALIBRATION_METHODS
 
 
 class _Group(click.Group):
@@ -57,7 +58,7 @@ def _calibration_options(func: Any) -> Any:
     options = [
         click.option(
             "--calib-method",
-            type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
+            type=click.Choice(CALIBRATION_METHODS),
             default="minmax",
             show_default=True,
             help="Calibration statistics.",

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from deploykit.errors import GateError
+from deploykit.stages import CALIBRATION_METHODS
 
 DEFAULT_BACKENDS = "onnxruntime,openvino,torch,tensorrt"
 
@@ -51,7 +52,7 @@ def _split(value: str, label: str) -> tuple[str, ...]:
 @click.option("--calib-samples", type=int, default=256, show_default=True)
 @click.option(
     "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
+    type=click.Choice(CALIBRATION_METHODS),
     default="minmax",
     show_default=True,
     help="INT8 calibration statistics.",

@@ -409,3 +409,14 @@ def test_help_imports_no_heavy_module(command: str) -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_recipe_calibration_methods_are_the_stages() -> None:
+    """The schema's Literal spells the methods out; it must list exactly the stage's."""
+    from typing import get_args
+
+    from deploykit.recipes.schema import CalibrationSection
+    from deploykit.stages import CALIBRATION_METHODS
+
+    annotation = CalibrationSection.model_fields["method"].annotation
+    assert get_args(annotation) == CALIBRATION_METHODS

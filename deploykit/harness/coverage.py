@@ -38,6 +38,7 @@ from deploykit.harness.coverage_report import (
     render_markdown,
     write_outputs,
 )
+from deploykit.stages import CALIBRATION_METHODS
 
 __all__ = [
     "SCHEMA",
@@ -171,10 +172,10 @@ class CoverageOptions:
         ):
             if value < 1:
                 raise UserError(f"{label} must be at least 1, got {value}")
-        if self.calib_method not in ("minmax", "entropy", "percentile", "mse"):
+        if self.calib_method not in CALIBRATION_METHODS:
             raise UserError(
-                f"unknown calibration method {self.calib_method!r}: choose minmax, entropy, "
-                "percentile or mse"
+                f"unknown calibration method {self.calib_method!r}: choose "
+                f"{', '.join(CALIBRATION_METHODS)}"
             )
         if self.jobs < 1:
             raise UserError(f"--jobs must be at least 1, got {self.jobs}")

@@ -64,10 +64,10 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import calibcache, entropy, mse, overflow, ovqdq
+from deploykit.stages import CALIBRATION_METHODS, calibcache, entropy, mse, overflow, ovqdq
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
-METHODS = ("minmax", "entropy", "percentile", "mse")
+METHODS = CALIBRATION_METHODS
 # s8s8: symmetric INT8 activations and weights, zero points 0 — what TensorRT's strongly
 #   typed build requires; the portable file.
 # u8s8: asymmetric UINT8 activations, symmetric INT8 per-channel weights. Measured with
