@@ -88,12 +88,16 @@ def entropy_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> 
     The threshold ``t`` comes from the |x| histogram (the two halves folded); the range
     is ``[max(lo, -t), min(hi, t)]``, so a ReLU output keeps ``[0, t]``.
     """
+    width = float(edges[1] - edges[0])
+    t = kl_threshold_bins(magnitude_histogram(hist)) * width
+    return max(float(lo), -t), min(float(hi), t)
+
+
+def magnitude_histogram(hist: np.ndarray) -> np.ndarray:
+    """The ``|x|`` histogram of a signed one over ``[-amax, amax]``: the halves folded."""
     hist = np.asarray(hist)
     half = hist.size // 2
-    magnitude = hist[half:] + hist[:half][::-1]
-    width = float(edges[1] - edges[0])
-    t = kl_threshold_bins(magnitude) * width
-    return max(float(lo), -t), min(float(hi), t)
+    return hist[half:] + hist[:half][::-1]
 
 
 def _flatten_spikes(bins: np.ndarray) -> int:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deploykit.stages.entropy import magnitude_histogram
+
 UNSIGNED_STEPS = 255
 SIGNED_STEPS = 127
 # Candidate thresholds: at most MAX_CANDIDATES, no fewer bins kept than MIN_BINS (a
@@ -74,11 +76,8 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> tupl
     half; a signed one on the symmetric grid from the two halves folded. The range is
     ``[max(lo, -t), min(hi, t)]``.
     """
-    hist = np.asarray(hist)
-    half = hist.size // 2
     width = float(edges[1] - edges[0])
-    if lo >= 0.0:
-        t = mse_threshold(hist[half:], width, UNSIGNED_STEPS)
-    else:
-        t = mse_threshold(hist[half:] + hist[:half][::-1], width, SIGNED_STEPS)
+    # Nothing below zero: the folded histogram is the positive half, on the UINT8 grid.
+    steps = UNSIGNED_STEPS if lo >= 0.0 else SIGNED_STEPS
+    t = mse_threshold(magnitude_histogram(hist), width, steps)
     return max(float(lo), -t), min(float(hi), t)
