@@ -17,7 +17,13 @@ from deploykit.regress.baseline import Entry, EntryLatency, Measurements, load_m
 from deploykit.regress.measure import MeasureOptions
 from deploykit.regress.outputs import to_junit, to_markdown
 from deploykit.regress.reliability import busy_delay
-from deploykit.regress.verdict import CheckOptions, judge, judge_entry, ratio_interval
+from deploykit.regress.verdict import (
+    CheckOptions,
+    judge,
+    judge_entry,
+    paired_ratio_interval,
+    ratio_interval,
+)
 
 ENV = {"cpu": {"name": "Test CPU", "cores": 2, "features": ["avx2"]}, "versions": {"x": "1"}}
 
@@ -120,6 +126,40 @@ def test_entry_missing_from_the_baseline_is_bad_input() -> None:
     other = _entry(BASE).model_copy(update={"model": "other"})
     with pytest.raises(UserError, match="not in the baseline"):
         judge(_set(_entry(BASE)), _set(other), CheckOptions())
+
+
+# A machine whose load drifts from round to round: every round is slower or faster
+# for both sides alike, and the candidate is 30% slower than the baseline in each.
+DRIFT = [10.0, 20.0, 8.0, 26.0, 11.0, 22.0, 9.0, 28.0, 10.5, 16.0]
+
+
+def test_pairing_cancels_per_round_drift_that_hides_a_slowdown_unpaired() -> None:
+    slow = [v * 1.3 for v in DRIFT]
+    unpaired = judge_entry(_entry(DRIFT), _entry(slow), CheckOptions(), normalised=False)
+    paired = judge_entry(_entry(DRIFT), _entry(slow), CheckOptions(), normalised=False, paired=True)
+    assert unpaired.verdict == "noisy" and unpaired.ci_low < 1.0
+    assert paired.verdict == "slower" and paired.regression and paired.paired
+    assert paired.ratio == pytest.approx(1.3) and paired.ci_low == pytest.approx(1.3)
+
+
+def test_paired_unchanged_rerun_with_drift_is_ok() -> None:
+    jitter = [1.0, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.0, 1.02, 0.98]
+    cur = [v * j for v, j in zip(DRIFT, jitter, strict=True)]
+    verdict = judge_entry(_entry(DRIFT), _entry(cur), CheckOptions(), normalised=False, paired=True)
+    assert verdict.verdict == "ok" and not verdict.regression
+    assert verdict.ci_low < 1.0 < verdict.ci_high
+
+
+def test_paired_interval_is_reproducible_and_needs_equal_rounds() -> None:
+    slow = [v * 1.3 for v in DRIFT]
+    assert paired_ratio_interval(DRIFT, slow) == paired_ratio_interval(DRIFT, slow)
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_ratio_interval(DRIFT, slow[:-1])
+    # Unequal rounds cannot be paired: judge_entry falls back to the unpaired interval.
+    verdict = judge_entry(
+        _entry(DRIFT), _entry(slow[:-1]), CheckOptions(), normalised=False, paired=True
+    )
+    assert (verdict.ratio, verdict.ci_low, verdict.ci_high) == ratio_interval(DRIFT, slow[:-1])
 
 
 def test_ratio_interval_is_reproducible() -> None:

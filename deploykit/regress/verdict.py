@@ -12,6 +12,15 @@ of both sides (fixed seed, so a verdict is reproducible from its inputs):
 - ``noisy``: beyond the tolerance but the interval reaches 1 (inconclusive);
 - ``ok``: within the tolerance.
 
+When the baseline artifact was re-measured in the same rounds (A/B pairing),
+the statistic is the geometric 20% trimmed mean of the per-round ratios and
+the bootstrap resamples whole rounds, keeping each pair together: what slows
+the machine during one round slows both sides of that round, so it cancels in
+the round's ratio instead of widening the interval. Bootstrapping the two
+sides independently ignores that pairing; on a loaded 2-core CI runner it
+once put a real +100% slowdown (ratio 1.61) at an interval of 0.86-, i.e.
+"noisy".
+
 Normalising by the reference workload did not narrow the spread of unchanged
 re-runs on the shared 2-core VM this was developed on (mobilenet_v2 on
 OpenVINO, 14 re-runs: raw 0.91-1.10, normalised 0.82-1.08 of their median; the
@@ -137,6 +146,26 @@ def ratio_interval(
     return ratio, float(low), float(high)
 
 
+def paired_ratio_interval(
+    base: list[float], cur: list[float], seed: int = 0
+) -> tuple[float, float, float]:
+    """Geometric trimmed mean of per-round ratios (cur / base) and its paired bootstrap interval.
+
+    Raises:
+        ValueError: The two sides have different numbers of rounds.
+    """
+    if len(base) != len(cur):
+        raise ValueError(f"paired rounds differ in number: {len(base)} vs {len(cur)}")
+    logs = np.log(np.asarray(cur, dtype=np.float64) / np.asarray(base, dtype=np.float64))
+    ratio = float(np.exp(trimmed_mean(logs)))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, logs.size, size=(_BOOTSTRAP, logs.size))
+    boot = np.exp(trimmed_mean(logs[picks], axis=1))
+    tail = (1 - _CONFIDENCE) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return ratio, float(low), float(high)
+
+
 def _values(entry: Entry, normalised: bool) -> list[float]:
     if not normalised:
         return list(entry.latency.round_p50s_ms)
@@ -162,10 +191,23 @@ def _accuracy_findings(base: Entry, cur: Entry, options: CheckOptions) -> list[s
     return findings
 
 
-def judge_entry(base: Entry, cur: Entry, options: CheckOptions, normalised: bool) -> EntryVerdict:
-    """Compare one entry with its baseline."""
+def judge_entry(
+    base: Entry, cur: Entry, options: CheckOptions, normalised: bool, paired: bool = False
+) -> EntryVerdict:
+    """Compare one entry with its baseline.
+
+    Args:
+        base: The baseline entry (stored, or re-measured when `paired`).
+        cur: The current entry.
+        options: Thresholds.
+        normalised: Divide latencies by the reference workload's.
+        paired: `base` was timed in the same rounds as `cur`, round i next to round i.
+    """
     b_vals, c_vals = _values(base, normalised), _values(cur, normalised)
-    ratio, low, high = ratio_interval(b_vals, c_vals)
+    if paired and len(b_vals) == len(c_vals):
+        ratio, low, high = paired_ratio_interval(b_vals, c_vals)
+    else:
+        ratio, low, high = ratio_interval(b_vals, c_vals)
     tol = options.tolerance
     notes: list[str] = []
     if ratio > 1 + tol:
@@ -192,6 +234,7 @@ def judge_entry(base: Entry, cur: Entry, options: CheckOptions, normalised: bool
         baseline_p50_ms=base.latency.p50_ms,
         current_p50_ms=cur.latency.p50_ms,
         normalised=normalised,
+        paired=paired,
         accuracy=accuracy,
         notes=notes,
     )
@@ -221,9 +264,12 @@ def judge(
         else:
             # A/B: the baseline artifact was timed in the same rounds; its accuracy is stored.
             verdict = judge_entry(
-                twin.model_copy(update={"accuracy": stored.accuracy}), cur, options, False
+                twin.model_copy(update={"accuracy": stored.accuracy}),
+                cur,
+                options,
+                normalised=False,
+                paired=True,
             )
-            verdict.paired = True
             verdict.notes.append("paired: baseline artifact re-measured in the same rounds")
         verdict.stored_baseline_p50_ms = stored.latency.p50_ms
         verdicts.append(verdict)
