@@ -1,10 +1,11 @@
 """The coverage matrix, BatchNorm re-estimation, and the grouped/depthwise guarantees.
 
 A representative subset of the small matrix (depthwise, grouped + channel
-shuffle, fire modules, a trained net) runs through the `coverage` command itself;
-the whole small matrix (every row, about two minutes on 2 cores) runs through the
-library; both are compared with the recorded run in tests/golden/coverage.json.
-docs/coverage.md must be the rendering of that recorded run.
+shuffle, fire modules, a trained net) runs through the `coverage` command itself
+in every test run; the whole small matrix (every row, 2-7 minutes on 2 cores) runs
+through the library with -m slow or DEPLOYKIT_SLOW=1; both are compared with the
+recorded run in tests/golden/coverage.json. docs/coverage.md must be the rendering
+of that recorded run.
 """
 
 from __future__ import annotations
@@ -413,6 +414,7 @@ def full_small_doc() -> dict[str, Any]:
     return cov.run_coverage(_options(None))
 
 
+@pytest.mark.slow
 def test_small_matrix_matches_the_recorded_run(full_small_doc: dict[str, Any]) -> None:
     assert cov.check_against_golden(full_small_doc, _golden()) == []
 
@@ -436,6 +438,7 @@ def _int8_xfail_params() -> list[Any]:
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "backend"), _int8_xfail_params())
 def test_int8_cosine_on_random_weight_rows(
     full_small_doc: dict[str, Any], model: str, backend: str

@@ -3,7 +3,8 @@
 tests/golden/accuracy.json holds, per run configuration, the expected metrics and a
 tolerance. A change that costs accuracy fails here with the numbers. To record new
 values after an intended change: DEPLOYKIT_UPDATE_GOLDEN=1 pytest tests/test_golden_accuracy.py
-(then review the diff of the JSON file).
+(then review the diff of the JSON file). Rows marked "slow" (minutes each on 2 cores) run
+with -m slow or DEPLOYKIT_SLOW=1.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def _skip_reason(config: dict[str, Any]) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("key", sorted(CONFIGS))
+def _params() -> list[Any]:
+    # The costliest rows (histogram calibration of a real ImageNet net) run with -m slow.
+    return [
+        pytest.param(key, marks=[pytest.mark.slow] if CONFIGS[key].get("slow") else [], id=key)
+        for key in sorted(CONFIGS)
+    ]
+
+
+@pytest.mark.parametrize("key", _params())
 def test_golden_accuracy(key: str, tmp_path: Path) -> None:
     config = CONFIGS[key]
     reason = _skip_reason(config)
