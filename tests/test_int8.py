@@ -179,6 +179,81 @@ def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
 
 
 @pytest.fixture(scope="module")
+def classifier_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """mobilenet_v2 ends in ReduceMean -> Reshape -> Gemm: its u8s8 and mixed files."""
+    root = tmp_path_factory.mktemp("head")
+    out = {}
+    for encoding in ("u8s8", "mixed"):
+        result = api.calibrate(
+            "mobilenet_v2",
+            "synthetic",
+            root / encoding,
+            samples=4,
+            encoding=encoding,
+            input_size=(64, 64),
+        )
+        out[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
+    return out
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def test_classifier_input_is_quantized_before_the_reshape(
+    classifier_head: dict[str, Path],
+) -> None:
+    """Mixed: ReduceMean -> Q -> DQ -> Reshape -> Gemm, so OpenVINO fuses the quantizer into
+    the pool; hoisting the u8s8 file's pair the same way leaves its outputs unchanged."""
+    import onnxruntime as ort
+
+    from deploykit.stages import ovqdq
+
+    mixed = onnx.load(str(classifier_head["mixed"]))
+    producers = _producers(mixed)
+    (gemm,) = [n for n in mixed.graph.node if n.op_type == "Gemm"]
+    chain = []
+    name = gemm.input[0]
+    for _ in range(4):
+        chain.append(producers[name].op_type)
+        name = producers[name].input[0]
+    assert chain == ["Reshape", "DequantizeLinear", "QuantizeLinear", "ReduceMean"], chain
+    assert ovqdq.hoist_above_shape_ops(mixed) == 0  # nothing left to move
+
+    u8s8 = onnx.load(str(classifier_head["u8s8"]))
+    before = [n.op_type for n in u8s8.graph.node]
+    assert ovqdq.hoist_above_shape_ops(u8s8) == 1
+    after = [n.op_type for n in u8s8.graph.node]
+    assert sorted(before) == sorted(after) and before != after
+    onnx.checker.check_model(u8s8)
+    x = synthetic_images(InputContract(height=64, width=64), 4, seed=3)
+    outs = []
+    for candidate in (classifier_head["u8s8"].read_bytes(), u8s8.SerializeToString()):
+        session = ort.InferenceSession(candidate, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.openvino
+def test_openvino_pools_the_classifier_input_into_uint8(classifier_head: dict[str, Path]) -> None:
+    """No f32 Reshape and no standalone quantization between the pool and the Gemm."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(classifier_head["mixed"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    layers = [
+        (rt["layerType"].astype(str), rt["runtimePrecision"].astype(str))
+        for rt in (op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops())
+        if "runtimePrecision" in rt
+    ]
+    assert ("Reduce", "u8") in layers and ("Reshape", "u8") in layers, layers
+    standalone = [x for x in layers if x[0] == "Subgraph"]
+    assert len(standalone) == 1, layers  # the input image's quantization only
+
+
+@pytest.fixture(scope="module")
 def shuffle_mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = api.calibrate(
         "shufflenet_v2_x1_0",

@@ -618,6 +618,7 @@ def _write_qdq(
     if encoding == "mixed":
         ovqdq.quantize_pool_inputs(model, stats.ranges)
         ovqdq.drop_maxpool_requantize(model)
+        ovqdq.hoist_above_shape_ops(model)
         if options.exact_residuals:
             ovqdq.materialise_residual_inputs(model)
     float_outputs(model, keep_conv=encoding == "u8s8")

@@ -15,6 +15,14 @@ they run NNCF's placement.
   quantizer, so a Q/DQ on a MaxPool's output with the scale and zero point of
   its input's Q/DQ is a no-op; `drop_maxpool_requantize` removes it, so OpenVINO
   does not requantize between the pool and the next Conv.
+- **Quantize before a reshape, not after.** A classifier's input arrives as
+  ``GlobalAveragePool/ReduceMean -> Flatten/Reshape -> Q/DQ -> Gemm``. OpenVINO
+  fuses a FakeQuantize into the pool only when it follows the pool directly, so
+  the pool wrote f32, the reshape copied f32 and a standalone Subgraph quantized
+  it (resnet50, mobilenet_v2). NNCF puts that FakeQuantize before the reshape.
+  A per-tensor quantizer commutes with an op that only moves values, so
+  `hoist_above_shape_ops` moves the pair above it, the pool writes UINT8 and the
+  standalone quantization goes (measured in docs/benchmarks.md).
 - Weights stay INT8 initializers behind a DequantizeLinear. OpenVINO then folds
   the per-channel dequantization of a Conv into its output quantization unless
   a bias Add sits between them (see the bias-correction note in
@@ -292,3 +300,58 @@ def materialise_residual_inputs(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(stored)
+
+
+def hoist_above_shape_ops(model: Any) -> int:
+    """Move each per-tensor Q/DQ pair that follows a shape op to the shape op's input.
+
+    ``X -> Reshape -> Q -> DQ -> consumers`` becomes ``X -> Q -> DQ -> Reshape ->
+    consumers``: the same values, since a per-tensor quantizer commutes with an op
+    that only moves them. Applied while the shape op's only consumer is that Q, its
+    input is float (not already a DequantizeLinear output) and nothing moved is a
+    graph output; repeated through chains of shape ops.
+
+    Returns:
+        How many pairs were moved (a pair moved through two ops counts twice).
+    """
+    graph = model.graph
+    outputs = {out.name for out in graph.output}
+    moved = 0
+    while True:
+        producers, consumers, inits = graph_index(model)
+        plan = None
+        for q in graph.node:
+            shape = producers.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+            if shape is None or shape.op_type not in SHAPE_OPS or len(shape.output) != 1:
+                continue
+            params = [inits.get(name) for name in q.input[1:3]]
+            dqs = consumers.get(q.output[0], [])
+            source = producers.get(shape.input[0])
+            if (
+                len(params) != 2
+                or any(p is None or int(np.prod(p.dims)) != 1 for p in params)
+                or len(dqs) != 1
+                or dqs[0].op_type != "DequantizeLinear"
+                or [id(n) for n in consumers.get(shape.output[0], [])] != [id(q)]
+                or (source is not None and source.op_type == "DequantizeLinear")
+                or {shape.output[0], dqs[0].output[0]} & outputs
+            ):
+                continue
+            plan = (shape, q, dqs[0])
+            break
+        if plan is None:
+            return moved
+        shape, q, dq = plan
+        # X -> Q -> DQ -> shape -> (what read DQ); the shape op keeps its output name.
+        for node in consumers.get(dq.output[0], []):
+            for i, name in enumerate(node.input):
+                if name == dq.output[0]:
+                    node.input[i] = shape.output[0]
+        q.input[0] = shape.input[0]
+        shape.input[0] = dq.output[0]
+        nodes = [n for n in graph.node if n is not shape]
+        at = next(i for i, n in enumerate(nodes) if n is dq)
+        nodes.insert(at + 1, shape)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        moved += 1
