@@ -480,6 +480,14 @@ def bench(
 )
 @click.option("--input-size", help="Override the input size: H or HxW.")
 @click.option("--benchmark-app", is_flag=True, help="Also time the OpenVINO IR with benchmark_app.")
+@click.option(
+    "--pair",
+    "pairs",
+    multiple=True,
+    metavar="A,B",
+    help="Also time two of the targets alternately, run by run, for a precise ratio A / B "
+    "with a 95% interval (e.g. openvino:int8,openvino:int8-nncf); repeatable.",
+)
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Write a Markdown table here.")
 @click.option("--out", "-o", default="out/compare", show_default=True, help="Work folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -496,6 +504,7 @@ def compare(
     min_seconds: float,
     input_size: str | None,
     benchmark_app: bool,
+    pairs: tuple[str, ...],
     markdown: str | None,
     out: str,
     as_json: bool,
@@ -522,6 +531,7 @@ def compare(
         out=out,
         calib=calib,
         calib_samples=calib_samples,
+        pairs=[_parse_pair(p) for p in pairs],
     )
     with _console(stderr=True).status("comparing") as status:
         result = run_compare(options, on_step=status.update)
@@ -531,6 +541,13 @@ def compare(
         click.echo(json.dumps(result, indent=2))
     else:
         render_compare(_console(), result)
+
+
+def _parse_pair(value: str) -> tuple[str, str]:
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise click.BadParameter(f"expected two targets, A,B; got {value!r}", param_hint="--pair")
+    return parts[0], parts[1]
 
 
 def _parse_tolerance(value: str) -> float:

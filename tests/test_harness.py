@@ -153,3 +153,72 @@ def test_staged_dir_removes_folders_it_created_on_failure(tmp_path: Path) -> Non
     with pytest.raises(ValueError), staged_dir(tmp_path / "keep" / "a" / "b" / "run"):
         raise ValueError
     assert [p.name for p in tmp_path.rglob("*")] == ["keep"]
+
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_alternating_measurement_swaps_the_order_each_pair() -> None:
+    from deploykit.harness.latency import measure_alternating
+
+    calls: list[str] = []
+
+    def a() -> None:
+        calls.append("a")
+        _busy(2.0)
+
+    def b() -> None:
+        calls.append("b")
+        _busy(1.0)
+
+    a_ms, b_ms = measure_alternating(a, b, blocks=3, pairs=4, warmup_pairs=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 6
+    assert len(a_ms) == len(b_ms) == 3
+    ratios = sorted(x / y for x, y in zip(a_ms, b_ms, strict=True))
+    assert 1.5 < ratios[1] < 2.5, (a_ms, b_ms)  # the median block: a preempted one may differ
+
+
+class _BusyRunner:
+    """A runner whose inference is a fixed busy wait; records when it is loaded."""
+
+    def __init__(self, name: str, ms: float, log: list[str]) -> None:
+        self.name, self.ms, self.log = name, ms, log
+
+    def activate(self) -> None:
+        self.log.append(self.name)
+
+    def deactivate(self) -> None:
+        pass
+
+    def prepare(self, batch: object) -> None:
+        pass
+
+    def run_prepared(self) -> None:
+        _busy(self.ms)
+
+
+def test_paired_ratio_loads_both_orders_and_resolves_a_small_difference() -> None:
+    from deploykit.harness.compare import CompareOptions, _paired
+
+    log: list[str] = []
+    options = CompareOptions(models=[], rounds=4, runs=20)
+    slow, fast = _BusyRunner("slow", 1.1, log), _BusyRunner("fast", 1.0, log)
+    result = _paired(slow, fast, None, options)  # type: ignore[arg-type]
+    assert log == ["slow", "fast", "fast", "slow"]  # each loaded first once
+    assert result["blocks"] == 8 and result["pairs_per_block"] == 20
+    assert result["low"] <= result["ratio"] <= result["high"]
+    assert result["low"] > 1.03 and result["high"] < 1.2, result  # 10% slower, 1 excluded
+
+
+def test_compare_refuses_a_pair_outside_its_targets() -> None:
+    from deploykit.errors import UserError
+    from deploykit.harness.compare import CompareOptions, compare
+
+    options = CompareOptions(
+        models=["tinynets:tiny_net"], targets=["onnxruntime"], pairs=[("onnxruntime", "openvino")]
+    )
+    with pytest.raises(UserError, match="--pair onnxruntime,openvino"):
+        compare(options)

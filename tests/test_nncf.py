@@ -13,7 +13,7 @@ import pytest
 from deploykit import api
 from deploykit.backends.registry import get_backend
 from deploykit.errors import UserError
-from deploykit.harness.compare import CompareOptions, TargetSpec, compare
+from deploykit.harness.compare import CompareOptions, TargetSpec, compare, to_markdown
 from deploykit.models.contract import InputContract
 
 pytestmark = [
@@ -198,8 +198,18 @@ def test_compare_times_nncf_next_to_qdq(tmp_path: Path) -> None:
         input_size=(32, 32),
         out=str(tmp_path),
         calib_samples=4,
+        pairs=[("openvino:int8", "openvino:int8-nncf")],
     )
-    rows = {row["spec"]: row for row in compare(options)["rows"]}
+    result = compare(options)
+    rows = {row["spec"]: row for row in result["rows"]}
+    (pair,) = result["paired"]
+    assert (pair["model"], pair["a"], pair["b"]) == (
+        "tiny_net",
+        "openvino:int8",
+        "openvino:int8-nncf",
+    )
+    assert pair["blocks"] == 2 and 0 < pair["low"] <= pair["ratio"] <= pair["high"]
+    assert "| tiny_net | openvino:int8 | openvino:int8-nncf |" in to_markdown(result)
     assert rows["openvino"]["speedup_vs_fp32"] is None
     for spec, quantizer in (("openvino:int8", "deploykit"), ("openvino:int8-nncf", "nncf")):
         assert rows[spec]["precision"] == "int8" and rows[spec]["quantizer"] == quantizer

@@ -15,6 +15,16 @@ A target is ``backend``, ``backend:precision`` or ``backend:int8-QUANTIZER``:
 * ``openvino:int8-exact`` runs deploykit's mixed Q/DQ ONNX written with exact residuals
   (`deploykit.stages.ovqdq.materialise_residual_inputs`), to price that option.
 
+``--pair A,B`` then measures the ratio of two targets of each model precisely:
+the two run alternately, inference by inference (`measure_alternating`), in two
+phases that load them in opposite orders, because the model compiled first can be
+slower or faster for the whole process (two OpenVINO compilations of one file
+differed by 0.2-1.3% that way on a 2-core EPYC VM). The ratio A / B is the
+geometric trimmed mean of the per-block ratios with a bootstrap 95% interval over
+blocks (`deploykit.regress.verdict.paired_ratio_interval`, the statistic of the
+latency regression check). Rounds of a second each resolve 3-10% at best on such
+a VM; the paired measurement resolves about 1%.
+
 Every INT8 target of a model is calibrated on the same inputs with the minmax
 method, so ``openvino:int8`` and ``openvino:int8-nncf`` differ only in the
 quantizer, and each non-fp32 row has its speedup over the fp32 row of the same
@@ -40,7 +50,7 @@ from deploykit.backends.registry import require_backend
 from deploykit.errors import UserError
 from deploykit.harness.environment import cpu_info, usable_cores, versions
 from deploykit.harness.inputs import synthetic_images
-from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
+from deploykit.harness.latency import LatencyOptions, LatencyStats, measure, measure_alternating
 
 Step = Callable[[str], None]
 DEFAULT_QUANTIZER = "deploykit"
@@ -122,6 +132,7 @@ class CompareOptions:
     out: str = "out/compare"
     calib: str = "synthetic"
     calib_samples: int = 32
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
 def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str, Any]:
@@ -133,12 +144,20 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
     if options.rounds < 1 or options.runs < 1:
         raise UserError("--rounds and --runs must be at least 1")
     threads = options.threads or usable_cores()
+    for pair in options.pairs:
+        missing = [t for t in pair if t not in options.targets]
+        if missing or len(set(pair)) != 2:
+            raise UserError(
+                f"bad --pair {','.join(pair)}: name two different targets of --targets "
+                f"({','.join(options.targets)})"
+            )
     # A target is "backend", "backend:precision" or "backend:int8-quantizer".
     specs = {spec: TargetSpec.parse(spec, options.precision) for spec in options.targets}
     backends = {spec: require_backend(target.backend) for spec, target in specs.items()}
     for spec, target in specs.items():
         target.check(backends[spec])
     rows: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
     for model in options.models:
         source, contract = resolve(model, input_size=options.input_size)
         folder = Path(options.out) / source.name
@@ -196,6 +215,10 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
                 )
         for runner in runners.values():
             runner.deactivate()
+        for a, b in options.pairs:
+            on_step(f"{model}: paired {a} / {b}")
+            timing = _paired(runners[a], runners[b], batch, options)
+            paired.append({"model": source.name, "a": a, "b": b, **timing})
         ov_app = statistics.median(app_rounds) if app_rounds else None
         torch_p50 = (
             statistics.median(s.p50_ms for s in per_round["torch"])
@@ -244,8 +267,38 @@ def compare(options: CompareOptions, on_step: Step = lambda _: None) -> dict[str
             "threads": threads,
             "precision": options.precision,
             "benchmark_app": options.benchmark_app and benchmark_app_available(),
+            "pairs": [list(pair) for pair in options.pairs],
         },
         "rows": rows,
+        "paired": paired,
+    }
+
+
+def _paired(a: Runner, b: Runner, batch: Any, options: CompareOptions) -> dict[str, Any]:
+    """Ratio A / B from alternate runs, in two phases that load A and B in opposite orders."""
+    from deploykit.regress.verdict import paired_ratio_interval
+
+    a_ms: list[float] = []
+    b_ms: list[float] = []
+    for first, second in ((a, b), (b, a)):
+        for runner in (first, second):
+            runner.activate()
+            runner.prepare(batch)
+        time.sleep(0.2)
+        x, y = measure_alternating(a.run_prepared, b.run_prepared, options.rounds, options.runs)
+        a_ms += x
+        b_ms += y
+        for runner in (first, second):
+            runner.deactivate()
+    ratio, low, high = paired_ratio_interval(b_ms, a_ms)
+    return {
+        "ratio": ratio,
+        "low": low,
+        "high": high,
+        "blocks": len(a_ms),
+        "pairs_per_block": options.runs,
+        "a_ms": statistics.median(a_ms),
+        "b_ms": statistics.median(b_ms),
     }
 
 
@@ -389,6 +442,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"--precision {opts['precision']} --batch {opts['batch']} --threads {opts['threads']} "
         f"--rounds {opts['rounds']} --runs {opts['runs']} --min-seconds {opts['min_seconds']}"
         + (" --benchmark-app" if opts.get("benchmark_app") else "")
+        + "".join(f" --pair {a},{b}" for a, b in opts.get("pairs", []))
     )
     lines = [
         "# CPU latency: torch eager vs ONNX Runtime vs OpenVINO",
@@ -419,6 +473,22 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['spread_pct']:.1f}% | "
             f"{speed} | {vs_fp32} | {app} | {ratio} |"
         )
+    if result.get("paired"):
+        lines += [
+            "",
+            f"Paired: the two targets alternately, run by run, {opts['rounds']} blocks of "
+            f"{opts['runs']} pairs in each of two load orders; ratio = geometric trimmed mean "
+            "of the per-block ratios, with a bootstrap 95% interval.",
+            "",
+            "| model | A | B | A ms | B ms | A / B | 95% interval |",
+            "|---|---|---|---:|---:|---:|---|",
+        ]
+        for pair in result["paired"]:
+            lines.append(
+                f"| {pair['model']} | {pair['a']} | {pair['b']} | {pair['a_ms']:.3f} | "
+                f"{pair['b_ms']:.3f} | {pair['ratio']:.3f} | "
+                f"{pair['low']:.3f}-{pair['high']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -286,6 +286,21 @@ def render_compare(console: Console, result: dict[str, Any]) -> None:
             app,
         )
     console.print(table)
+    if result.get("paired"):
+        pairs = Table(title="paired, run by run: A / B with 95% interval", title_justify="left")
+        for col in ("model", "A", "B", "A ms", "B ms", "A / B", "95% interval"):
+            pairs.add_column(col, justify="left" if col in ("model", "A", "B") else "right")
+        for pair in result["paired"]:
+            pairs.add_row(
+                pair["model"],
+                pair["a"],
+                pair["b"],
+                f"{pair['a_ms']:.3f}",
+                f"{pair['b_ms']:.3f}",
+                f"{pair['ratio']:.3f}",
+                f"{pair['low']:.3f}-{pair['high']:.3f}",
+            )
+        console.print(pairs)
 
 
 def render_regress(console: Console, result: dict[str, Any]) -> None:

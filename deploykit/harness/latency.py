@@ -124,3 +124,39 @@ def measure(
             break
     total = (clock() - began) / 1e9
     return stats_from_samples(np.asarray(samples) / 1e9, batch, threads, total)
+
+
+def measure_alternating(
+    call_a: Callable[[], object],
+    call_b: Callable[[], object],
+    blocks: int,
+    pairs: int,
+    warmup_pairs: int = 10,
+) -> tuple[list[float], list[float]]:
+    """Time two calls run by run, alternately, in `blocks` blocks of `pairs` pairs.
+
+    Each pair runs both calls back to back, A first in even pairs and B first in odd
+    ones, so neither side always follows the other. A load that comes and goes
+    within a block hits both sides, which block-level interleaving (one side for a
+    second, then the other) does not guarantee on a shared VM.
+
+    Returns:
+        Per block, the median of A's calls and the median of B's calls (milliseconds).
+    """
+    for _ in range(warmup_pairs):
+        call_a()
+        call_b()
+    clock = time.perf_counter_ns
+    a_medians: list[float] = []
+    b_medians: list[float] = []
+    for _ in range(blocks):
+        times: dict[int, list[int]] = {0: [], 1: []}
+        for i in range(pairs):
+            for side in (0, 1) if i % 2 == 0 else (1, 0):
+                call = call_a if side == 0 else call_b
+                t0 = clock()
+                call()
+                times[side].append(clock() - t0)
+        a_medians.append(float(np.median(times[0])) / 1e6)
+        b_medians.append(float(np.median(times[1])) / 1e6)
+    return a_medians, b_medians
