@@ -215,3 +215,55 @@ def test_compare_times_nncf_next_to_qdq(tmp_path: Path) -> None:
         assert rows[spec]["precision"] == "int8" and rows[spec]["quantizer"] == quantizer
         assert rows[spec]["speedup_vs_fp32"] > 0
     assert (tmp_path / "tiny_net" / "openvino-nncf" / "model.int8.nncf.xml").is_file()
+
+
+def _runtime_layers(path: Path) -> list[tuple[str, ...]]:
+    """The compiled CPU graph: per layer its type, precisions, fused-layer count, kernel."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = {key: rt_value.astype(str) for key, rt_value in op.get_rt_info().items()}
+        if rt["layerType"] != "Const":
+            fused = len(rt["originalLayersNames"].split(","))
+            layers.append(
+                (
+                    rt["layerType"],
+                    rt["runtimePrecision"],
+                    rt["outputPrecisions"],
+                    str(fused),
+                    rt.get("primitiveType", ""),
+                )
+            )
+    return layers
+
+
+# shufflenet_v2_x1_0's Split ranges are also checked, faster, in tests/test_int8.py.
+@pytest.mark.parametrize(
+    "model", ["mobilenet_v2", pytest.param("shufflenet_v2_x1_0", marks=pytest.mark.slow)]
+)
+def test_openvino_compiles_deploykit_qdq_and_nncf_ir_into_the_same_runtime_graph(
+    model: str, tmp_path: Path
+) -> None:
+    """Latency parity with NNCF by construction: the same layers, precisions, fusions, kernels.
+
+    Any Q/DQ placement OpenVINO cannot fuse as it fuses NNCF's FakeQuantize placement
+    (a quantizer after a Reshape, a requantization after a Split) shows up here as a
+    standalone Subgraph or a layer in f32.
+    """
+    from deploykit.backends.openvino.nncf_quantizer import NncfOptions, quantize_to_ir
+    from deploykit.harness.inputs import synthetic_images
+
+    result = api.calibrate(
+        model, "synthetic", tmp_path / "qdq", samples=4, encoding="mixed", input_size=(64, 64)
+    )
+    folder = Path(result["out"])
+    inputs = synthetic_images(InputContract(height=64, width=64), 4, seed=0)
+    xml, _ = quantize_to_ir(
+        folder / "model.fused.onnx", inputs, tmp_path / "nncf", NncfOptions.from_dict({})
+    )
+    ours, theirs = _runtime_layers(folder / "model.int8.qdq.onnx"), _runtime_layers(xml)
+    assert len(ours) == len(theirs)
+    differ = [(i, a, b) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
+    assert not differ, differ
