@@ -41,21 +41,34 @@ def _images(folder: Path, per_class: int = 6) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def qdq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("qdq")
+def _qdq_files(root: Path, model: str, encodings: tuple[str, ...], samples: int) -> dict[str, Path]:
+    """The Q/DQ file of each encoding, calibrated on synthetic 64x64 inputs."""
     out = {}
-    for encoding in ("s8s8", "u8s8", "mixed"):
+    for encoding in encodings:
         result = api.calibrate(
-            "squeezenet1_1",
+            model,
             "synthetic",
             root / encoding,
-            samples=8,
+            samples=samples,
             encoding=encoding,
             input_size=(64, 64),
         )
         out[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
     return out
+
+
+def _ort_each(candidate: bytes, x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's outputs for a serialized model, one input at a time."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(candidate, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _qdq_files(tmp_path_factory.mktemp("qdq"), "squeezenet1_1", ("s8s8", "u8s8", "mixed"), 8)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -163,37 +176,20 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
 def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
     qdq: dict[str, Path],
 ) -> None:
-    import onnxruntime as ort
 
     from deploykit.stages import ovqdq
 
     model = onnx.load(str(qdq["u8s8"]))  # MaxPool shares its input's Q/DQ parameters there
     assert ovqdq.drop_maxpool_requantize(model) == 3
     x = synthetic_images(InputContract(height=64, width=64), 4, seed=5)
-    outs = []
-    for candidate in (qdq["u8s8"].read_bytes(), model.SerializeToString()):
-        session = ort.InferenceSession(candidate, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+    before = _ort_each(qdq["u8s8"].read_bytes(), x)
+    np.testing.assert_allclose(_ort_each(model.SerializeToString(), x), before, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def classifier_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """mobilenet_v2 ends in ReduceMean -> Reshape -> Gemm: its u8s8 and mixed files."""
-    root = tmp_path_factory.mktemp("head")
-    out = {}
-    for encoding in ("u8s8", "mixed"):
-        result = api.calibrate(
-            "mobilenet_v2",
-            "synthetic",
-            root / encoding,
-            samples=4,
-            encoding=encoding,
-            input_size=(64, 64),
-        )
-        out[encoding] = Path(result["out"]) / "model.int8.qdq.onnx"
-    return out
+    return _qdq_files(tmp_path_factory.mktemp("head"), "mobilenet_v2", ("u8s8", "mixed"), 4)
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -205,7 +201,6 @@ def test_classifier_input_is_quantized_before_the_reshape(
 ) -> None:
     """Mixed: ReduceMean -> Q -> DQ -> Reshape -> Gemm, so OpenVINO fuses the quantizer into
     the pool; hoisting the u8s8 file's pair the same way leaves its outputs unchanged."""
-    import onnxruntime as ort
 
     from deploykit.stages import ovqdq
 
@@ -227,12 +222,10 @@ def test_classifier_input_is_quantized_before_the_reshape(
     assert sorted(before) == sorted(after) and before != after
     onnx.checker.check_model(u8s8)
     x = synthetic_images(InputContract(height=64, width=64), 4, seed=3)
-    outs = []
-    for candidate in (classifier_head["u8s8"].read_bytes(), u8s8.SerializeToString()):
-        session = ort.InferenceSession(candidate, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        outs.append(np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(4)]))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+    before_out = _ort_each(classifier_head["u8s8"].read_bytes(), x)
+    np.testing.assert_allclose(
+        _ort_each(u8s8.SerializeToString(), x), before_out, rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.openvino
