@@ -1055,7 +1055,8 @@ def _fallback_stage(
         The last artifact tried, or `artifact` when no step could be tried.
     """
     from deploykit.stages.calibrate import calibrate_onnx
-    from deploykit.stages.fallback import rank_layers, run_fallback
+    from deploykit.stages.fallback import quantized_layers, rank_layers, run_fallback
+    from deploykit.stages.onnxcheck import load_onnx
 
     data, options = calibrated
     fused, qdq = work / "model.fused.onnx", work / "model.int8.qdq.onnx"
@@ -1065,6 +1066,7 @@ def _fallback_stage(
     graph_batch = 1 if request.batch_range() else request.measure_batch()
     ranking = rank_layers(fused, qdq, data.inputs[:64], graph_batch)
     limit = request.max_fallback_layers or max(4, len(ranking) // 4)
+    quantized = {node.name for node in quantized_layers(load_onnx(qdq, check=False))}
     built: list[Any] = []
 
     def attempt(excluded: list[str]) -> tuple[float, dict[str, Any]]:
@@ -1075,7 +1077,9 @@ def _fallback_stage(
         worst = check.worst_drop(results)
         return (worst if worst is not None else 0.0), results
 
-    result = run_fallback(ranking, attempt, request.max_accuracy_drop, drop, limit, on_step)
+    result = run_fallback(
+        ranking, attempt, request.max_accuracy_drop, drop, limit, on_step, quantized
+    )
     report.fallback = result.to_dict()
     _stage(report, "fallback", started, work, qdq, {"met": result.met, "layers": result.excluded})
     if not result.met:

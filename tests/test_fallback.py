@@ -36,6 +36,43 @@ def test_run_fallback_stops_at_the_first_step_that_meets_the_budget() -> None:
     assert not missed.met and len(missed.steps) == 2
 
 
+def test_run_fallback_may_keep_every_ranked_layer_when_others_stay_int8() -> None:
+    """The stem reads the graph input and is never ranked; it keeps the model INT8."""
+    ranking = [LayerSensitivity("t0", ("n0", "n1"), 40.0, 1.0, 39.0)]
+    tried: list[list[str]] = []
+
+    def attempt(excluded: list[str]) -> tuple[float, dict[str, object]]:
+        tried.append(excluded)
+        return 0.5, {}
+
+    alone = run_fallback(ranking, attempt, budget=1.0, initial_drop=9.0, max_layers=4)
+    assert not alone.steps  # n0 and n1 may be the whole model
+    result = run_fallback(ranking, attempt, 1.0, 9.0, 4, quantized={"stem", "n0", "n1"})
+    assert result.met and result.excluded == ["n0", "n1"] and tried == [["n0", "n1"]]
+
+
+def test_ranking_finds_the_gemm_behind_a_reshape(tmp_path: Path) -> None:
+    """Mixed files quantize a classifier's input before its Reshape; the Gemm owns that pair."""
+    from deploykit.stages.fallback import rank_layers
+
+    result = api.calibrate(
+        "tinynets:outlier_net",
+        "synthetic",
+        tmp_path,
+        samples=8,
+        encoding="mixed",
+        input_size=(32, 32),
+    )
+    out = Path(result["out"])
+    from deploykit.harness.inputs import synthetic_images
+    from deploykit.models.contract import InputContract
+
+    x = synthetic_images(InputContract(height=32, width=32, resize=32), 8, seed=1)
+    ranking = rank_layers(out / "model.fused.onnx", out / "model.int8.qdq.onnx", x, 1)
+    owners = {r.tensor: r.nodes for r in ranking}
+    assert owners.get("avg_pool2d") == ("node_Gemm_4",), owners
+
+
 def _eval_set(tmp_path: Path) -> Path:
     """200 inputs labelled with the FP32 model's own classes (FP32 top-1 = 100%)."""
     import torch

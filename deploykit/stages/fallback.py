@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.stages.onnxcheck import exposing_session, load_onnx
+from deploykit.stages.ovqdq import SHAPE_OPS
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -163,7 +164,7 @@ def rank_layers(fused: Path, qdq: Path, inputs: np.ndarray, batch: int) -> list[
         producer = producers.get(float_name)
         upstream_db = upstream(float_name) if producer is not None else 120.0
         nodes = {producer.name} & compute if producer is not None else set()
-        nodes |= {c.name for c in consumers.get(dq, []) if c.name in compute}
+        nodes |= {c.name for c in _through_shape_ops(dq, consumers) if c.name in compute}
         if not nodes or fp_name in graph_inputs:
             continue
         sqnr_in = upstream_db
@@ -177,6 +178,22 @@ def rank_layers(fused: Path, qdq: Path, inputs: np.ndarray, batch: int) -> list[
             )
         )
     return sorted(ranking, key=lambda r: (-r.loss_db, r.sqnr_out_db))
+
+
+def _through_shape_ops(name: str, consumers: dict[str, list[Any]]) -> list[Any]:
+    """The nodes that read `name`, looking through ops that only reshape it.
+
+    The mixed encoding quantizes a classifier's input before its Flatten/Reshape
+    (`deploykit.stages.ovqdq.hoist_above_shape_ops`); the Gemm behind the reshape
+    still owns that Q/DQ pair.
+    """
+    found = []
+    for node in consumers.get(name, []):
+        if node.op_type in SHAPE_OPS and node.output:
+            found += _through_shape_ops(node.output[0], consumers)
+        else:
+            found.append(node)
+    return found
 
 
 def schedule(candidates: int, max_layers: int) -> list[int]:
@@ -199,6 +216,7 @@ def run_fallback(
     initial_drop: float,
     max_layers: int,
     on_step: Callable[[str], None] = lambda _: None,
+    quantized: Collection[str] | None = None,
 ) -> FallbackResult:
     """Keep more and more of the most sensitive layers in float until the budget holds.
 
@@ -210,11 +228,14 @@ def run_fallback(
         initial_drop: The drop with every layer quantized.
         max_layers: Most ranked activations whose layers may fall back.
         on_step: Progress callback.
+        quantized: Every quantized compute layer of the model (`quantized_layers`); a
+            step that would keep all of them in float is not tried. Without it, the
+            ranked layers stand for all of them.
     """
     result = FallbackResult(
         budget=budget, initial_drop=initial_drop, candidates=len(ranking), ranking=ranking
     )
-    every = {node for r in ranking for node in r.nodes}
+    every = set(quantized) if quantized is not None else {n for r in ranking for n in r.nodes}
     for count in schedule(len(ranking), max_layers):
         excluded = sorted({node for r in ranking[:count] for node in r.nodes})
         if set(excluded) == every and len(every) > 1:
