@@ -17,9 +17,9 @@ A target is ``backend``, ``backend:precision`` or ``backend:int8-QUANTIZER``:
 
 ``--pair A,B`` then measures the ratio of two targets of each model precisely:
 the two run alternately, inference by inference (`measure_alternating`), in two
-phases that load them in opposite orders, because the model compiled first can be
-slower or faster for the whole process (two OpenVINO compilations of one file
-differed by 0.2-1.3% that way on a 2-core EPYC VM). The ratio A / B is the
+phases that load them in opposite orders, because the model compiled first can run
+slower for the whole process (the first of two OpenVINO compilations of one file
+was 0.2-1.1% slower in four checks on a 2-core EPYC VM). The ratio A / B is the
 geometric trimmed mean of the per-block ratios with a bootstrap 95% interval over
 blocks (`deploykit.regress.verdict.paired_ratio_interval`, the statistic of the
 latency regression check). Rounds of a second each resolve 3-10% at best on such
