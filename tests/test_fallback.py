@@ -53,6 +53,8 @@ def test_run_fallback_may_keep_every_ranked_layer_when_others_stay_int8() -> Non
 
 def test_ranking_finds_the_gemm_behind_a_reshape(tmp_path: Path) -> None:
     """Mixed files quantize a classifier's input before its Reshape; the Gemm owns that pair."""
+    from deploykit.harness.inputs import synthetic_images
+    from deploykit.models.contract import InputContract
     from deploykit.stages.fallback import rank_layers
 
     result = api.calibrate(
@@ -64,9 +66,6 @@ def test_ranking_finds_the_gemm_behind_a_reshape(tmp_path: Path) -> None:
         input_size=(32, 32),
     )
     out = Path(result["out"])
-    from deploykit.harness.inputs import synthetic_images
-    from deploykit.models.contract import InputContract
-
     x = synthetic_images(InputContract(height=32, width=32, resize=32), 8, seed=1)
     ranking = rank_layers(out / "model.fused.onnx", out / "model.int8.qdq.onnx", x, 1)
     owners = {r.tensor: r.nodes for r in ranking}

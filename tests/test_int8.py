@@ -11,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
-from runners import openvino_each, run_each
+from runners import openvino_each, openvino_runtime_layers, run_each
 
 from deploykit import api
 from deploykit.backends.registry import get_backend
@@ -176,7 +176,6 @@ def test_mixed_encoding_quantizes_only_compute_inputs_with_zero_points_0(
 def test_dropping_the_requantization_after_maxpool_does_not_change_the_outputs(
     qdq: dict[str, Path],
 ) -> None:
-
     from deploykit.stages import ovqdq
 
     model = onnx.load(str(qdq["u8s8"]))  # MaxPool shares its input's Q/DQ parameters there
@@ -201,7 +200,6 @@ def test_classifier_input_is_quantized_before_the_reshape(
 ) -> None:
     """Mixed: ReduceMean -> Q -> DQ -> Reshape -> Gemm, so OpenVINO fuses the quantizer into
     the pool; hoisting the u8s8 file's pair the same way leaves its outputs unchanged."""
-
     from deploykit.stages import ovqdq
 
     mixed = onnx.load(str(classifier_head["mixed"]))
@@ -231,16 +229,7 @@ def test_classifier_input_is_quantized_before_the_reshape(
 @pytest.mark.openvino
 def test_openvino_pools_the_classifier_input_into_uint8(classifier_head: dict[str, Path]) -> None:
     """No f32 Reshape and no standalone quantization between the pool and the Gemm."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(
-        str(classifier_head["mixed"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    layers = [
-        (rt["layerType"].astype(str), rt["runtimePrecision"].astype(str))
-        for rt in (op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops())
-        if "runtimePrecision" in rt
-    ]
+    layers = [layer[:2] for layer in openvino_runtime_layers(classifier_head["mixed"])]
     assert ("Reduce", "u8") in layers and ("Reshape", "u8") in layers, layers
     standalone = [x for x in layers if x[0] == "Subgraph"]
     assert len(standalone) == 1, layers  # the input image's quantization only

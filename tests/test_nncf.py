@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from runners import openvino_runtime_layers
 
 from deploykit import api
 from deploykit.backends.registry import get_backend
@@ -217,28 +218,6 @@ def test_compare_times_nncf_next_to_qdq(tmp_path: Path) -> None:
     assert (tmp_path / "tiny_net" / "openvino-nncf" / "model.int8.nncf.xml").is_file()
 
 
-def _runtime_layers(path: Path) -> list[tuple[str, ...]]:
-    """The compiled CPU graph: per layer its type, precisions, fused-layer count, kernel."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    layers = []
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        rt = {key: rt_value.astype(str) for key, rt_value in op.get_rt_info().items()}
-        if rt["layerType"] != "Const":
-            fused = len(rt["originalLayersNames"].split(","))
-            layers.append(
-                (
-                    rt["layerType"],
-                    rt["runtimePrecision"],
-                    rt["outputPrecisions"],
-                    str(fused),
-                    rt.get("primitiveType", ""),
-                )
-            )
-    return layers
-
-
 # shufflenet_v2_x1_0's Split ranges are also checked, faster, in tests/test_int8.py.
 @pytest.mark.parametrize(
     "model", ["mobilenet_v2", pytest.param("shufflenet_v2_x1_0", marks=pytest.mark.slow)]
@@ -263,7 +242,8 @@ def test_openvino_compiles_deploykit_qdq_and_nncf_ir_into_the_same_runtime_graph
     xml, _ = quantize_to_ir(
         folder / "model.fused.onnx", inputs, tmp_path / "nncf", NncfOptions.from_dict({})
     )
-    ours, theirs = _runtime_layers(folder / "model.int8.qdq.onnx"), _runtime_layers(xml)
+    ours = openvino_runtime_layers(folder / "model.int8.qdq.onnx")
+    theirs = openvino_runtime_layers(xml)
     assert len(ours) == len(theirs)
     differ = [(i, a, b) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
     assert not differ, differ
