@@ -1054,6 +1054,7 @@ def _fallback_stage(
     Returns:
         The last artifact tried, or `artifact` when no step could be tried.
     """
+    from deploykit.harness.inputs import spread_subset
     from deploykit.stages.calibrate import calibrate_onnx
     from deploykit.stages.fallback import quantized_layers, rank_layers, run_fallback
     from deploykit.stages.onnxcheck import load_onnx
@@ -1064,7 +1065,7 @@ def _fallback_stage(
     on_step("ranking layers by INT8 sensitivity")
     # The fused graph has the export batch (1 when the batch is dynamic).
     graph_batch = 1 if request.batch_range() else request.measure_batch()
-    ranking = rank_layers(fused, qdq, data.inputs[:64], graph_batch)
+    ranking = rank_layers(fused, qdq, spread_subset(data.inputs, 64), graph_batch)
     limit = request.max_fallback_layers or max(4, len(ranking) // 4)
     quantized = {node.name for node in quantized_layers(load_onnx(qdq, check=False))}
     built: list[Any] = []

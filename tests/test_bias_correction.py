@@ -263,3 +263,39 @@ def test_a_correction_that_hurts_is_reverted(
     assert [numpy_helper.to_array(t).tolist() for t in a.graph.initializer] == [
         numpy_helper.to_array(t).tolist() for t in b.graph.initializer
     ]
+
+
+def test_a_grouped_calibration_set_is_measured_across_its_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sets arrive grouped (a manifest photo by photo, a folder class by class): the
+    correction must measure means on inputs from every group, not on the first one."""
+    net = _dw_net(tmp_path / "net.onnx")
+    quiet, loud = 0.2 * _inputs(5, 32), 3.0 * _inputs(6, 32)
+    grouped = np.concatenate([quiet, loud])
+    data = Dataset(inputs=grouped, source="grouped", sha256=hashlib.sha256(grouped).hexdigest())
+    monkeypatch.setattr(biascorrect, "MAX_SAMPLES", 16)
+    seen: list[np.ndarray] = []
+    real = biascorrect._run_all
+
+    def spy(model: Any, outputs: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+        seen.append(inputs)
+        return real(model, outputs, inputs)
+
+    monkeypatch.setattr(biascorrect, "_run_all", spy)
+    report = calibrate_onnx(net, tmp_path / "q.onnx", data, CalibrationOptions())
+    assert report.bias_correction["applied"]
+    used = seen[0]
+    loud_rows = int(np.sum(np.abs(used).reshape(len(used), -1).max(axis=1) > 3.0))
+    assert len(used) == 16 and 6 <= loud_rows <= 10, loud_rows
+
+
+def test_spread_subset_takes_inputs_evenly_across_the_set() -> None:
+    from deploykit.harness.inputs import spread_subset
+
+    rows = np.arange(256)[:, None]
+    picked = spread_subset(rows, 32).ravel()
+    assert len(picked) == 32 and picked[0] == 0 and picked[-1] == 255
+    assert np.all(np.diff(picked) >= 8) and np.all(np.diff(picked) <= 9)
+    assert [int(p) // 64 for p in picked].count(0) == 8  # a quarter from each quarter
+    assert len(spread_subset(rows[:10], 32)) == 10

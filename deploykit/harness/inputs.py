@@ -43,3 +43,16 @@ def _interp(size: int, grid: int = 8) -> np.ndarray:
     weights[np.arange(size), lo] = 1 - frac
     weights[np.arange(size), lo + 1] += frac
     return weights
+
+
+def spread_subset(inputs: np.ndarray, count: int) -> np.ndarray:
+    """`count` inputs taken evenly across `inputs` (all of them when there are fewer).
+
+    Data sets arrive grouped: a manifest's augmented views photo by photo, an image
+    folder class by class. The first `count` inputs of such a set come from one
+    photo or one class; every stage that works on a subset takes it this way.
+    """
+    total = inputs.shape[0]
+    if count >= total:
+        return inputs
+    return inputs[np.linspace(0, total - 1, num=count).round().astype(np.int64)]

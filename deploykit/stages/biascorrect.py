@@ -54,9 +54,17 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.harness.inputs import spread_subset
+
 DEPTHWISE_SHARE = 0.25
 DYNAMIC_BATCH = 16
-MAX_SAMPLES = 32
+# Calibration inputs the correction measures means on, spread over the set. The means
+# depend on the content: EfficientNet-Lite0 (minmax, u8s8 on ONNX Runtime, scored on
+# natural-images) corrected on the 64 views of one calibration photo reached mean cosine
+# 0.99834 (astronaut), 0.99703 (rocket), 0.99771 (hubble_deep_field) or 0.99742 (china)
+# against FP32; on 32 / 64 / 128 / 256 views spread over the four, 0.99793 / 0.99791 /
+# 0.99803 / 0.99810. 128 views took 21 s per file on 2 cores, 32 took 6 s.
+MAX_SAMPLES = 128
 INT32 = np.iinfo(np.int32)
 
 
@@ -147,7 +155,8 @@ def correct_biases(
             only read.
         qdq_model: The Q/DQ ``onnx.ModelProto`` (topologically sorted); its bias
             initializers are edited.
-        inputs: Calibration inputs (NCHW float32); the first MAX_SAMPLES are used.
+        inputs: Calibration inputs (NCHW float32); MAX_SAMPLES of them, spread over
+            the set (`spread_subset`), are used.
         reason: Why correction runs, recorded in the report.
         add_missing: Give a Conv without a bias a new one; False corrects existing
             biases only (the Conv is listed in the report's skipped layers).
@@ -158,7 +167,7 @@ def correct_biases(
     import onnx
 
     started = time.perf_counter()
-    inputs = inputs[: max(MAX_SAMPLES, _batch_size(qdq_model)[0])]
+    inputs = spread_subset(inputs, max(MAX_SAMPLES, _batch_size(qdq_model)[0]))
     float_model = onnx.load(str(float_path))
     targets, skipped = _targets(float_model, qdq_model, add_missing)
     report = BiasCorrectionReport(applied=False, reason=reason, skipped=skipped)
