@@ -50,7 +50,8 @@ def spread_subset(inputs: np.ndarray, count: int) -> np.ndarray:
 
     Data sets arrive grouped: a manifest's augmented views photo by photo, an image
     folder class by class. The first `count` inputs of such a set come from one
-    photo or one class; every stage that works on a subset takes it this way.
+    photo or one class, so bias correction and the fallback's ranking, which work
+    on a subset of the calibration inputs, take it this way.
     """
     total = inputs.shape[0]
     if count >= total:
