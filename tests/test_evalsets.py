@@ -14,7 +14,13 @@ from deploykit.cli import main
 from deploykit.errors import UserError
 from deploykit.harness import evalsets, fashion_mnist
 from deploykit.harness.datasets import Dataset, load_dataset, load_eval_data
-from deploykit.harness.evaluate import evaluate_outputs, run_batched, topk_accuracy
+from deploykit.harness.display import accuracy_line
+from deploykit.harness.evaluate import (
+    decisive_agreement,
+    evaluate_outputs,
+    run_batched,
+    topk_accuracy,
+)
 from deploykit.models.contract import InputContract
 
 SMALL = InputContract(height=64, width=64, resize=72)
@@ -199,6 +205,37 @@ def test_evaluation_reports_drop_and_agreement() -> None:
     )
     assert unlabelled.top1 is None and unlabelled.drop is None
     assert unlabelled.top1_agreement == 90.0
+
+
+def test_decisive_agreement_tells_near_tie_flips_from_real_errors() -> None:
+    # Five inputs: 0-2 decisive (lead 0.9 or more), 3-4 near ties (lead 0.02).
+    probs = np.array(
+        [
+            [0.95, 0.03, 0.02],
+            [0.02, 0.96, 0.02],
+            [0.01, 0.04, 0.95],
+            [0.49, 0.47, 0.04],
+            [0.30, 0.34, 0.36],
+        ]
+    )
+    logits = np.log(probs).astype(np.float32)
+    candidate = logits.copy()
+    candidate[3, [0, 1]] = candidate[3, [1, 0]]  # a near tie flips
+    count, agreement = decisive_agreement(logits, candidate)
+    assert (count, agreement) == (3, 100.0)
+    candidate[0, [0, 1]] = candidate[0, [1, 0]]  # a decisive input flips: a real error
+    count, agreement = decisive_agreement(logits, candidate)
+    assert count == 3 and agreement == pytest.approx(200.0 / 3)
+    # Probabilities are used as they are (a softmax would shrink every lead).
+    assert decisive_agreement(probs, probs)[0] == 3
+    assert decisive_agreement(probs, probs, margin=0.95)[0] == 0
+    assert decisive_agreement(probs[:, :1], probs[:, :1]) == (None, None)
+    data = Dataset(inputs=np.zeros((5, 1)), source="toy", sha256="x")
+    result = evaluate_outputs(candidate, logits, data, "toy fp32")
+    assert result.top1_agreement == 60.0
+    assert (result.decisive_samples, result.decisive_agreement) == (3, pytest.approx(200.0 / 3))
+    line = accuracy_line(result.to_dict())
+    assert "top-1 60.0% (66.7% on the 3 where fp32 leads by ≥ 0.05)" in line, line
 
 
 @pytest.mark.onnxruntime

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.harness.evaluate import decisive_note
 from deploykit.harness.report import Report
 from deploykit.models.contract import InputContract
 
@@ -110,7 +111,8 @@ def accuracy_line(result: dict[str, Any]) -> str:
             f"{result['fp32_top5']:.2f}% · "
         )
     text += (
-        f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%, "
+        f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%"
+        f"{decisive_note(result, 'fp32' if ref == 'fp32' else 'the reference')}, "
         f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
     stability = result.get("stability")
