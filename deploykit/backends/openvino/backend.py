@@ -32,9 +32,8 @@ from deploykit.models.contract import InputContract
 from deploykit.models.loaders import ModelSource
 
 FIX = "install it with `pip install 'deploykit[cpu]'`"
-# deploykit precision -> (OpenVINO hint, CPU capability that must be present)
-# precision -> (INFERENCE_PRECISION_HINT, required CPU capability). INT8 comes from the Q/DQ
-# nodes of the model; the layers around them stay pinned to f32.
+# deploykit precision -> (INFERENCE_PRECISION_HINT, CPU capability that must be present).
+# INT8 comes from the Q/DQ nodes of the model; the layers around them stay pinned to f32.
 _HINTS = {
     "fp32": ("f32", "FP32"),
     "bf16": ("bf16", "BF16"),
