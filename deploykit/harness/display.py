@@ -110,9 +110,14 @@ def accuracy_line(result: dict[str, Any]) -> str:
             f"(drop {result['drop']:+.2f} pt) · top-5 {result['top5']:.2f}% vs "
             f"{result['fp32_top5']:.2f}% · "
         )
+    note = decisive_note(
+        result.get("decisive_samples"),
+        result.get("decisive_agreement"),
+        int(result["samples"]),
+        "fp32" if ref == "fp32" else "the reference",
+    )
     text += (
-        f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%"
-        f"{decisive_note(result, 'fp32' if ref == 'fp32' else 'the reference')}, "
+        f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%{note}, "
         f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
     stability = result.get("stability")

@@ -11,7 +11,8 @@ class than on its second. An INT8 model can flip an input whose top two classes
 the reference all but ties without being any worse on the rest (EfficientNet-Lite0:
 all 9 ONNX Runtime / OpenVINO disagreements on the 256 natural-image views, and
 13 of 15 on 1,024 fresh views, lie below this margin; see docs/accuracy.md), so
-the two figures side by side tell a near-tie flip from a real error. The gates use the plain figure.
+the two figures side by side tell a near-tie flip from a real error. The gates use
+the plain figure.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Evaluation:
                 f"(drop {self.drop:+.2f} pt), top-5 {self.top5:.2f}% vs {self.fp32_top5:.2f}%"
             )
         parts.append(
-            f"agreement top-1 {self.top1_agreement:.1f}%{decisive_note(self.to_dict())}, "
+            f"agreement top-1 {self.top1_agreement:.1f}%"
+            f"{decisive_note(self.decisive_samples, self.decisive_agreement, self.samples)}, "
             f"top-5 overlap {self.top5_overlap:.1f}%"
         )
         if self.stability:
@@ -103,11 +105,12 @@ class Evaluation:
         return ", ".join(parts)
 
 
-def decisive_note(result: dict[str, Any], reference: str = "the reference") -> str:
-    """`` (100.0% on the 219 where fp32 leads by ≥ 0.05)``, or nothing when every input is
+def decisive_note(
+    count: int | None, agreement: float | None, samples: int, reference: str = "the reference"
+) -> str:
+    """`` (100.0% on the 218 where fp32 leads by ≥ 0.05)``, or nothing when every input is
     decisive or the figure is missing (results written before it existed)."""
-    count, agreement = result.get("decisive_samples"), result.get("decisive_agreement")
-    if count is None or agreement is None or count >= int(result["samples"]):
+    if count is None or agreement is None or count >= samples:
         return ""
     return f" ({agreement:.1f}% on the {count} where {reference} leads by ≥ {DECISIVE_MARGIN:g})"
 
@@ -146,8 +149,9 @@ def decisive_agreement(
     if ref.shape[1] < 2:
         return None, None
     if not (np.all(ref >= 0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3)):
-        shifted = np.exp(ref - ref.max(axis=1, keepdims=True))
-        ref = shifted / shifted.sum(axis=1, keepdims=True)
+        from deploykit.runtime.model import softmax
+
+        ref = softmax(ref)
     top2 = np.sort(ref, axis=1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) >= margin
     count = int(decisive.sum())

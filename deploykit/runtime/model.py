@@ -75,6 +75,12 @@ def compare_outputs(actual: np.ndarray, expected: np.ndarray) -> dict[str, float
     }
 
 
+def softmax(rows: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of 2-D scores, shifted by each row's maximum so it cannot overflow."""
+    shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
 def run_in_batches(
     infer: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, size: int | None
 ) -> np.ndarray:
@@ -169,9 +175,7 @@ class Model:
             A list of :class:`Prediction` for one input, or one such list per input.
         """
         scores = self.predict(inputs)
-        rows = scores[None] if scores.ndim == 1 else scores
-        shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        probs = softmax(scores[None] if scores.ndim == 1 else scores)
         result = []
         for row in probs:
             order = np.argsort(-row, kind="stable")[: max(1, k)]
