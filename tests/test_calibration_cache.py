@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
 from deploykit.harness.fidelity import compare_outputs
-from deploykit.stages import calibcache, calibrate
+from deploykit.stages import calibcache, calibrate, calibstats, qdqedit
 from deploykit.stages.calibrate import (
     CalibrationOptions,
     CalibrationStats,
@@ -134,7 +134,7 @@ def _forbid_collection(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the calibrator ran although the cache holds the statistics")
 
-    monkeypatch.setattr(calibrate, "_collect", boom)
+    monkeypatch.setattr(calibstats, "collect", boom)
 
 
 def _entry(root: Path) -> Path:
@@ -284,13 +284,13 @@ def test_use_cache_false_collects_afresh_and_rewrites_the_entry(
     good = entry.read_text()
     entry.write_text(good.replace('"ranges"', '"rangez"'))
     calls: list[int] = []
-    real = calibrate._collect
+    real = calibstats.collect
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(calibrate, "_collect", counting)
+    monkeypatch.setattr(calibstats, "collect", counting)
     report = calibrate_onnx(net, tmp_path / "b.onnx", data, CalibrationOptions(use_cache=False))
     assert report.cache == "off" and calls == [1]
     assert entry.read_text() == good
@@ -382,7 +382,7 @@ def test_histogram_statistics_fed_in_groups_match_one_pass(
     data = _data(count=12)
     options = CalibrationOptions(method=method)
     whole = collect_statistics(net, data, options)
-    monkeypatch.setattr(calibrate, "HISTOGRAM_INPUTS", 4)
+    monkeypatch.setattr(calibstats, "HISTOGRAM_INPUTS", 4)
     from onnxruntime.quantization.calibrate import HistogramCalibrater
 
     calls = []
@@ -498,9 +498,9 @@ def test_float_outputs_keeps_a_conv_output_quantized_for_onnxruntime(tmp_path: P
     quantized = quantizer.model.model
     kept = onnx.ModelProto()
     kept.CopyFrom(quantized)
-    assert calibrate.float_outputs(kept, keep_conv=True) == []
+    assert qdqedit.float_outputs(kept, keep_conv=True) == []
     assert [n.op_type for n in kept.graph.node].count("QuantizeLinear") == 2
-    assert calibrate.float_outputs(quantized, keep_conv=False) == ["y"]
+    assert qdqedit.float_outputs(quantized, keep_conv=False) == ["y"]
     ops = [n.op_type for n in quantized.graph.node]
     assert ops.count("QuantizeLinear") == 1  # the input's
     conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
@@ -571,7 +571,7 @@ def test_cached_statistics_write_what_quantize_static_writes(
             per_channel=True,
             activation_type=QuantType.QUInt8 if encoding == "u8s8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=calibrate._ort_method(method),
+            calibrate_method=calibstats.ort_method(method),
             extra_options={
                 "ActivationSymmetric": encoding == "s8s8",
                 "WeightSymmetric": True,
@@ -580,7 +580,7 @@ def test_cached_statistics_write_what_quantize_static_writes(
             },
         )
     direct = onnx.load(str(tmp_path / "direct.onnx"))
-    assert calibrate.float_outputs(direct, keep_conv=encoding == "u8s8") == ["logits"]
+    assert qdqedit.float_outputs(direct, keep_conv=encoding == "u8s8") == ["logits"]
     onnx.save(direct, str(tmp_path / "direct.onnx"))
     _assert_same_initializers(tmp_path / "direct.onnx", tmp_path / "cached.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "direct.onnx")).graph.node]

@@ -38,11 +38,12 @@ the two put a tensor both quantize with the same range on the same grid, and the
 Runtime and OpenVINO models of one calibration compute the same function up to kernel
 rounding (and OpenVINO's Conv+Add fusion, which skips the rounding of a Conv output
 before a residual Add unless ``exact_residuals``; see `deploykit.stages.ovqdq`).
-Both give a Concat's inputs and output one shared range (`_unified_concat`);
+Both give a Concat's inputs and output one shared range (`qdqedit.unified_concat`);
 u8s8 then puts back a ReLU the quantizer folded into a Q that no longer clips at zero
-(`restore_activations`) and gives an average pool's output its own grid rather than
-its input's (`regrid_pool_outputs`), as mixed does. The graph outputs stay float (see
-`float_outputs`).
+(`qdqedit.restore_activations`) and gives an average pool's output its own grid rather
+than its input's (`qdqedit.regrid_pool_outputs`), as mixed does. The graph outputs stay
+float (see `qdqedit.float_outputs`). The statistics themselves are collected in
+`deploykit.stages.calibstats`.
 
 After Q/DQ insertion, optional bias correction (`deploykit.stages.biascorrect`)
 shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
@@ -50,12 +51,8 @@ shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +61,13 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import CALIBRATION_METHODS, calibcache, entropy, mse, overflow, ovqdq
+from deploykit.stages import CALIBRATION_METHODS, calibcache, calibstats, overflow, ovqdq, qdqedit
+from deploykit.stages.calibstats import CalibrationStats, PreparedGraph
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
 METHODS = CALIBRATION_METHODS
+
+
 # s8s8: symmetric INT8 activations and weights, zero points 0 — what TensorRT's strongly
 #   typed build requires; the portable file.
 # u8s8: asymmetric UINT8 activations, symmetric INT8 per-channel weights. Measured with
@@ -85,15 +85,8 @@ METHODS = CALIBRATION_METHODS
 #   u8s8 2.20, s8s8 2.09, mixed 1.85, NNCF 1.77. ONNX Runtime cannot fuse a Conv without a
 #   Q on its output (it would run in float), so this encoding is for OpenVINO only.
 ENCODINGS = ("s8s8", "u8s8", "mixed")
-# u8s8 puts a signed tensor on mixed's symmetric INT8 grid (scale amax/127) as UINT8 with
-# zero point 128, instead of ONNX Runtime's asymmetric [lo, hi] grid. Measured on the
-# real-weight EfficientNet-Lite0 (1,024 natural-image views, onnxruntime 1.32, OpenVINO
-# 2026.4, graph outputs float): ONNX Runtime u8s8 against OpenVINO mixed, cosine 0.99877
-# -> 0.99920 and top-1 agreement 97.0% -> 97.7%; against FP32, agreement 96.5% -> 96.3%
-# and top-5 overlap 96.6% -> 96.9% (within the set's noise). ONNX Runtime's kernels take
-# any zero point at the same speed. OpenVINO does not: giving mixed the asymmetric grid
-# instead cost 4.5-9.4% latency on five models, so the grids meet on mixed's.
-U8_SIGNED_ZERO_POINT = 128
+
+
 # The ops whose activation inputs the mixed encoding quantizes (and only those): compute
 # ops, residual adds, and Concat/pooling so those run on INT8 data. All inputs (and the
 # output) of a Concat share one range, so OpenVINO concatenates without requantizing —
@@ -185,38 +178,6 @@ class CalibrationOptions:
 
 
 @dataclass
-class CalibrationStats:
-    """Per-tensor activation ranges from one calibration pass; every encoding derives from them.
-
-    Attributes:
-        method: The calibration method that produced them.
-        percentile: The percentile used (``method="percentile"`` only).
-        ranges: Tensor name -> (lo, hi), float32 values held as Python floats.
-    """
-
-    method: str
-    percentile: float | None
-    ranges: dict[str, tuple[float, float]]
-
-    def symmetric_amax(self, name: str) -> float:
-        """The symmetric (s8s8) range of `name`: ``max(|lo|, |hi|)``."""
-        lo, hi = self.ranges[name]
-        return max(abs(lo), abs(hi))
-
-    def tensors_data(self) -> Any:
-        """A fresh onnxruntime ``TensorsData`` (the quantizer edits the one it is given)."""
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData
-
-        return TensorsData(
-            _ort_method(self.method),
-            {
-                name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-                for name, (lo, hi) in self.ranges.items()
-            },
-        )
-
-
-@dataclass
 class CalibrationReport:
     """What the calibrate stage did.
 
@@ -251,25 +212,6 @@ class CalibrationReport:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Prepared:
-    """The graph that is calibrated and quantized (the fused graph after ORT pre-processing)."""
-
-    path: Path
-    note: str
-    model: Any
-    workdir: Path
-
-    @property
-    def tensor_names(self) -> set[str]:
-        graph = self.model.graph
-        return {t for node in graph.node for t in node.output} | {i.name for i in graph.input}
-
-    @property
-    def node_names(self) -> set[str]:
-        return {node.name for node in self.model.graph.node}
-
-
 def calibrate_onnx(
     fused: Path, out_path: Path, data: Dataset, options: CalibrationOptions
 ) -> CalibrationReport:
@@ -297,7 +239,7 @@ def calibrate_onnx(
 
     options.validate()
     started = time.perf_counter()
-    with _prepared(fused) as prep:
+    with calibstats.prepared(fused) as prep:
         _check_inputs(prep, data)
         _check_excluded(prep, options.nodes_to_exclude)
         t0 = time.perf_counter()
@@ -344,9 +286,9 @@ def collect_statistics(fused: Path, data: Dataset, options: CalibrationOptions) 
         UserError: Bad options, or data that does not fit the model.
     """
     options.validate()
-    with _prepared(fused) as prep:
+    with calibstats.prepared(fused) as prep:
         _check_inputs(prep, data)
-        return _collect(prep, data, options)
+        return calibstats.collect(prep, data, options.method, options.percentile)
 
 
 def write_qdq(
@@ -387,7 +329,7 @@ def write_qdq(
         overflow_fix=overflow_fix,
     )
     options.validate()
-    with _prepared(fused) as prep:
+    with calibstats.prepared(fused) as prep:
         _check_excluded(prep, options.nodes_to_exclude)
         unknown = sorted(set(stats.ranges) - prep.tensor_names)
         if unknown:
@@ -401,7 +343,7 @@ def write_qdq(
 
 
 def _statistics(
-    fused: Path, prep: _Prepared, data: Dataset, options: CalibrationOptions
+    fused: Path, prep: PreparedGraph, data: Dataset, options: CalibrationOptions
 ) -> tuple[CalibrationStats, str, str]:
     """Statistics from the cache or a fresh collection; returns (stats, cache status, key)."""
     key = calibcache.CacheKey.build(fused, data, options.method, options.percentile)
@@ -412,7 +354,7 @@ def _statistics(
         if found.ranges is not None:
             return CalibrationStats(options.method, percentile, found.ranges), "hit", key.digest()
         status = found.status
-    stats = _collect(prep, data, options)
+    stats = calibstats.collect(prep, data, options.method, options.percentile)
     try:
         calibcache.store(key, stats.ranges)
     except OSError as exc:
@@ -420,128 +362,8 @@ def _statistics(
     return stats, status, key.digest()
 
 
-def _collect(prep: _Prepared, data: Dataset, options: CalibrationOptions) -> CalibrationStats:
-    """Run the calibrator on the prepared graph and return its ranges."""
-    from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.calibrate import create_calibrator
-
-    batch = _static_batch(prep.model)
-    inputs = data.inputs
-    name = prep.model.graph.input[0].name
-    chunks = [inputs[i : i + batch] for i in range(0, inputs.shape[0] - batch + 1, batch)]
-    if not chunks:
-        raise UserError(
-            f"the model takes batches of {batch}; pass at least {batch} calibration inputs"
-        )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, batches: list[np.ndarray]) -> None:
-            self.items = iter(batches)
-
-        def get_next(self) -> dict[str, Any] | None:
-            chunk = next(self.items, None)
-            return None if chunk is None else {name: chunk}
-
-    # Min-max keeps two reduced values per tensor and batch: one pass. A histogram
-    # calibrator keeps every exposed activation of every batch it is given until it
-    # histograms them, so it is fed a group of batches at a time (see HISTOGRAM_INPUTS).
-    per_group = len(chunks) if options.method == "minmax" else max(1, HISTOGRAM_INPUTS // batch)
-    groups = [chunks[i : i + per_group] for i in range(0, len(chunks), per_group)]
-
-    with _quiet_ort():
-        calibrator = create_calibrator(
-            prep.path,
-            _op_types_to_quantize(),
-            augmented_model_path=str(prep.workdir / "augmented.onnx"),
-            calibrate_method=_ort_method(options.method),
-            # Exactly what quantize_static passes (CalibPercentile); `symmetric` is left
-            # at each calibrator's default — see the module docstring.
-            extra_options={"percentile": options.percentile, **_method_options(options.method)},
-        )
-        try:
-            if len(groups) > 1:
-                _seed_histograms(calibrator, chunks, name)
-            for group in groups:
-                calibrator.collect_data(Reader(group))
-            if options.method in HISTOGRAM_SEARCHES:
-                searched = _searched_ranges(calibrator, HISTOGRAM_SEARCHES[options.method])
-                return CalibrationStats(options.method, None, searched)
-            tensors = calibrator.compute_data()
-        except ValueError as exc:
-            if options.method == "minmax":
-                raise
-            # numpy cannot histogram a tensor whose range is (nearly) zero, e.g. a dead
-            # ReLU on random weights: "Too many bins for data range".
-            raise UserError(
-                f"{options.method} calibration cannot build a histogram here ({exc}); "
-                "use --calib-method minmax"
-            ) from exc
-    ranges: dict[str, tuple[float, float]] = {}
-    for tensor, td in tensors.items():
-        lo, hi = (np.asarray(v, dtype=np.float32).reshape(-1) for v in td.range_value)
-        if lo.size != 1 or hi.size != 1:
-            raise RuntimeError(f"expected one range per tensor, got {lo.size} for {tensor!r}")
-        ranges[tensor] = (float(lo[0]), float(hi[0]))
-    percentile = options.percentile if options.method == "percentile" else None
-    return CalibrationStats(options.method, percentile, ranges)
-
-
-def _seed_histograms(calibrator: Any, batches: list[np.ndarray], input_name: str) -> None:
-    """Give a histogram calibrator empty histograms over each tensor's whole range.
-
-    ONNX Runtime's collector bins a tensor over the range of the first data it sees
-    and widens the histogram with bins of that width when later data exceed it, so
-    groups fed one after another would not histogram like one pass. With the bin
-    edges one pass would use (from a first pass that keeps only each tensor's
-    extremes), every group adds into the same bins and the result is one pass's.
-    """
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    session = calibrator.infer_session
-    names = [o.name for o in session.get_outputs()]
-    wanted = [n for n in names if n in calibrator.tensors_to_calibrate]
-    low: dict[str, float] = {}
-    high: dict[str, float] = {}
-    smallest_abs: dict[str, float] = {}
-    for batch in batches:
-        outputs = dict(zip(names, session.run(None, {input_name: batch}), strict=True))
-        for tensor in wanted:
-            value = np.asarray(outputs[tensor], dtype=np.float32)
-            if value.size == 0:
-                continue
-            low[tensor] = min(low.get(tensor, np.inf), float(np.nanmin(value)))
-            high[tensor] = max(high.get(tensor, -np.inf), float(np.nanmax(value)))
-            smallest = float(np.nanmin(np.abs(value)))
-            smallest_abs[tensor] = min(smallest_abs.get(tensor, np.inf), smallest)
-    collector = HistogramCollector(
-        method=calibrator.method,
-        symmetric=calibrator.symmetric,
-        num_bins=calibrator.num_bins,
-        num_quantized_bins=calibrator.num_quantized_bins,
-        percentile=calibrator.percentile,
-        scenario=calibrator.scenario,
-    )
-    for tensor in low:
-        lo, hi = np.float32(low[tensor]), np.float32(high[tensor])
-        if calibrator.method == "entropy":  # HistogramCollector.collect_value
-            threshold = np.float32(max(abs(lo), abs(hi)))
-            span = (float(-threshold), float(threshold))
-            hist, edges = np.histogram(np.zeros(0, np.float32), calibrator.num_bins, span)
-            collector.histogram_dict[tensor] = (hist, edges, lo, hi, threshold)
-        else:  # collect_absolute_value: bins over [min |x|, max |x|]
-            bounds = np.array([smallest_abs[tensor], max(abs(lo), abs(hi))], dtype=np.float32)
-            hist, edges = np.histogram(bounds, bins=calibrator.num_bins)
-            collector.histogram_dict[tensor] = (
-                np.zeros_like(hist),
-                edges.astype(np.float32),
-                lo,
-                hi,
-            )
-    calibrator.collector = collector
-
-
 def _write_qdq(
-    prep: _Prepared,
+    prep: PreparedGraph,
     stats: CalibrationStats,
     options: CalibrationOptions,
     inputs: np.ndarray | None,
@@ -560,7 +382,7 @@ def _write_qdq(
 
     encoding, per_channel = options.encoding, options.per_channel
     activation = QuantType.QInt8 if encoding == "s8s8" else QuantType.QUInt8
-    op_types = _op_types_to_quantize()
+    op_types = calibstats.op_types_to_quantize()
     extra: dict[str, Any] = {
         "ActivationSymmetric": encoding == "s8s8",
         "WeightSymmetric": True,
@@ -573,12 +395,14 @@ def _write_qdq(
         # fmnist_shufflenet_v1 (with regrid_pool_outputs) 98.74% -> 99.27%. ONNX Runtime
         # no longer requantizes in QLinearConcat: u8s8 latency 0.88x (squeezenet1_1) to
         # 0.96x (inception_v3) on five Concat nets (7 interleaved rounds).
-        stats = CalibrationStats(stats.method, stats.percentile, _unified_concat(prep, stats))
+        stats = CalibrationStats(
+            stats.method, stats.percentile, qdqedit.unified_concat(prep.model, stats.ranges)
+        )
     if encoding == "u8s8":
         overrides = {}
         for tensor, (lo, hi) in stats.ranges.items():
             if lo < 0.0:
-                scale, zero = u8s8_grid(lo, hi)
+                scale, zero = qdqedit.u8s8_grid(lo, hi)
                 overrides[tensor] = [
                     {"quant_type": QuantType.QUInt8, "scale": scale, "zero_point": zero}
                 ]
@@ -594,7 +418,7 @@ def _write_qdq(
     fix = _overflow_overrides(prep, stats, options, inputs)
     if fix.overrides:
         extra.setdefault("TensorQuantOverrides", {}).update(fix.overrides)
-    with _quiet_ort():
+    with calibstats.quiet_ort():
         model = load_model_with_shape_infer(prep.path)
         model = update_opset_version(model, QuantType.QInt8, activation)
         quantizer = QDQQuantizer(
@@ -613,20 +437,20 @@ def _write_qdq(
         quantizer.model.topological_sort()
     model = quantizer.model.model
     if encoding == "u8s8":
-        restore_activations(model, prep.model)
-        regrid_pool_outputs(model, stats.ranges)
+        qdqedit.restore_activations(model, prep.model)
+        qdqedit.regrid_pool_outputs(model, stats.ranges)
     if encoding == "mixed":
         ovqdq.quantize_pool_inputs(model, stats.ranges)
         ovqdq.drop_maxpool_requantize(model)
         ovqdq.hoist_above_shape_ops(model)
         if options.exact_residuals:
             ovqdq.materialise_residual_inputs(model)
-    float_outputs(model, keep_conv=encoding == "u8s8")
+    qdqedit.float_outputs(model, keep_conv=encoding == "u8s8")
     return model, fix
 
 
 def _overflow_overrides(
-    prep: _Prepared,
+    prep: PreparedGraph,
     stats: CalibrationStats,
     options: CalibrationOptions,
     inputs: np.ndarray | None,
@@ -643,248 +467,7 @@ def _overflow_overrides(
     return overflow.weight_overrides(weights, stats.ranges, peaks, options.per_channel, reason)
 
 
-def restore_activations(model: Any, original: Any) -> list[str]:
-    """Put back each Relu/Clip the quantizer removed where the Q/DQ after it does not clip.
-
-    With asymmetric activations ONNX Runtime's quantizer drops a Relu or Clip and lets
-    the QuantizeLinear after it do the clipping (``QDQRemovableActivation``): a ReLU
-    output's range starts at 0, so the zero point is the grid's lowest value. That stops
-    holding when the range is widened past the activation's bounds: a ReLU output that
-    shares a Concat's signed range sits on the symmetric grid (zero point 128), and the
-    negative values the ReLU removed came back. Random-weight ``cliquenet_small``
-    (Concat of a signed AveragePool output and ReLU outputs) fell to INT8 cosine 0.45
-    against FP32 so. The activation goes back between the pair's DequantizeLinear and a
-    copy of the pair (same scale and zero point), which is exact: rounding to a grid
-    commutes with clipping at one of its points.
-
-    Args:
-        model: The quantized ModelProto, edited in place.
-        original: The float model it was quantized from.
-
-    Returns:
-        The outputs of the restored activations.
-    """
-    from onnx import helper, numpy_helper
-
-    producers, consumers, inits = ovqdq.graph_index(model)
-    _, _, float_inits = ovqdq.graph_index(original)
-    restored = []
-    for node in original.graph.node:
-        out = node.output[0] if node.output else ""
-        producer = producers.get(out)
-        if node.op_type not in ("Relu", "Clip") or producer is None:
-            continue
-        if producer.op_type == node.op_type:
-            continue  # kept by the quantizer
-        quants = [c for c in consumers.get(out, []) if c.op_type == "QuantizeLinear"]
-        if len(quants) != 1 or len(consumers[out]) != 1 or len(quants[0].input) < 3:
-            continue
-        q = quants[0]
-        scale = float(numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0])
-        zero = numpy_helper.to_array(inits[q.input[2]])
-        info = np.iinfo(zero.dtype)
-        grid_lo = (float(info.min) - float(zero.reshape(-1)[0])) * scale
-        grid_hi = (float(info.max) - float(zero.reshape(-1)[0])) * scale
-        lo, hi = _activation_bounds(node, float_inits)
-        if grid_lo >= lo - scale / 2 and grid_hi <= hi + scale / 2:
-            continue  # the Q clips where the activation did
-        for dq in list(consumers.get(q.output[0], [])):
-            if dq.op_type != "DequantizeLinear":
-                continue
-            tag = f"{out}_restored_{dq.name or dq.output[0]}"
-            act = helper.make_node(
-                node.op_type,
-                [dq.output[0], *node.input[1:]],
-                [f"{tag}_act"],
-                name=f"{tag}_{node.op_type}",
-            )
-            act.attribute.extend(node.attribute)
-            q2 = helper.make_node(
-                "QuantizeLinear", [f"{tag}_act", *q.input[1:]], [f"{tag}_q"], name=f"{tag}_Q"
-            )
-            dq2 = helper.make_node(
-                "DequantizeLinear", [f"{tag}_q", *dq.input[1:]], [f"{tag}_dq"], name=f"{tag}_DQ"
-            )
-            for user in consumers.get(dq.output[0], []):
-                user.input[:] = [f"{tag}_dq" if i == dq.output[0] else i for i in user.input]
-            for extra in node.input[1:]:
-                if extra and extra in float_inits and extra not in inits:
-                    model.graph.initializer.append(float_inits[extra])
-                    inits[extra] = float_inits[extra]
-            model.graph.node.extend([act, q2, dq2])
-        restored.append(out)
-    if restored:
-        from onnxruntime.quantization.onnx_model import ONNXModel
-
-        ONNXModel(model).topological_sort()
-    return restored
-
-
-def regrid_pool_outputs(model: Any, ranges: dict[str, tuple[float, float]]) -> list[str]:
-    """Give each average pool's output the u8s8 grid of its own calibrated range.
-
-    ONNX Runtime's quantizer puts an AveragePool's output on its input's grid; the
-    mixed encoding quantizes it with its own range (for a Concat input, the Concat's
-    shared one), so the two CPU files rounded it differently. ONNX Runtime's
-    QLinearAveragePool takes any output scale, so u8s8 follows mixed.
-
-    Args:
-        model: A u8s8 Q/DQ ModelProto, edited in place.
-        ranges: The calibrated range of each tensor (Concat-unified).
-
-    Returns:
-        The pool outputs whose grid changed.
-    """
-    from onnx import numpy_helper
-
-    _, consumers, inits = ovqdq.graph_index(model)
-    changed = []
-    for node in model.graph.node:
-        out = node.output[0] if node.output else ""
-        if node.op_type not in ("AveragePool", "GlobalAveragePool") or out not in ranges:
-            continue
-        quants = [c for c in consumers.get(out, []) if c.op_type == "QuantizeLinear"]
-        if len(quants) != 1 or len(quants[0].input) < 3:
-            continue
-        scale, zero = u8s8_grid(*ranges[out])
-        q = quants[0]
-        old = [numpy_helper.to_array(inits[name]) for name in q.input[1:3] if name in inits]
-        if len(old) == 2 and np.array_equal(old[0], scale) and np.array_equal(old[1], zero):
-            continue
-        params = [f"{out}_grid_scale", f"{out}_grid_zero_point"]
-        model.graph.initializer.extend(
-            [numpy_helper.from_array(scale, params[0]), numpy_helper.from_array(zero, params[1])]
-        )
-        q.input[1:3] = params
-        for dq in consumers.get(q.output[0], []):
-            if dq.op_type == "DequantizeLinear":
-                dq.input[1:3] = params
-        changed.append(out)
-    return changed
-
-
-def u8s8_grid(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    """The u8s8 encoding's (scale, UINT8 zero point) for the range ``[lo, hi]``.
-
-    A signed range takes mixed's symmetric INT8 grid shifted to UINT8 (scale
-    ``max(|lo|, |hi|) / 127``, zero point 128); a non-negative one ONNX Runtime's own
-    ``[0, hi]`` grid, which is also mixed's.
-    """
-    if lo < 0.0:
-        scale = np.array(max(abs(lo), abs(hi)) / 127.0, dtype=np.float32)
-        return scale, np.array(U8_SIGNED_ZERO_POINT, dtype=np.uint8)
-    return ovqdq.quantization_params(lo, hi)
-
-
-def _activation_bounds(node: Any, inits: dict[str, Any]) -> tuple[float, float]:
-    """The [lo, hi] a Relu or Clip node clips to (infinite where it does not)."""
-    from onnx import numpy_helper
-
-    if node.op_type == "Relu":
-        return 0.0, float("inf")
-    bounds = [float("-inf"), float("inf")]
-    for index in (1, 2):  # opset >= 11: min and max are inputs
-        if len(node.input) > index and node.input[index] in inits:
-            bounds[index - 1] = float(numpy_helper.to_array(inits[node.input[index]]))
-    for attr in node.attribute:  # opset < 11
-        if attr.name in ("min", "max"):
-            bounds[attr.name == "max"] = attr.f
-    return bounds[0], bounds[1]
-
-
-def float_outputs(model: Any, keep_conv: bool) -> list[str]:
-    """Remove the Q/DQ pair in front of each graph output, so the outputs stay float.
-
-    Quantizing a model's output (the logits of a classifier) only adds rounding error:
-    ONNX Runtime runs a Gemm/MatMul with a float output as QGemm, and OpenVINO and
-    TensorRT run an INT8 layer with a float output as well. Measured on the real-weight
-    EfficientNet-Lite0 (u8s8 on ONNX Runtime, 1,024 natural-image views): top-1
-    agreement with FP32 94.6% -> 96.5%, cosine 0.99821 -> 0.99848; latency 0.994-1.009x
-    on five models. The quantized logits also tied near-equal classes.
-
-    Args:
-        model: A Q/DQ ModelProto, edited in place.
-        keep_conv: Keep the pair after a Conv/ConvTranspose (ONNX Runtime fuses a
-            QLinearConv only with a QuantizeLinear on its output).
-
-    Returns:
-        The graph outputs that were made float.
-    """
-    graph = model.graph
-    producers, consumers, _ = ovqdq.graph_index(model)
-    outputs = {out.name for out in graph.output}
-    changed = []
-    for output in graph.output:
-        dq = producers.get(output.name)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        q = producers.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or consumers.get(dq.input[0]) != [dq]:
-            continue
-        source = q.input[0]
-        producer = producers.get(source)
-        if source in outputs or producer is None:
-            continue
-        if keep_conv and producer.op_type in ("Conv", "ConvTranspose"):
-            continue
-        graph.node.remove(dq)
-        graph.node.remove(q)
-        for node in graph.node:
-            node.output[:] = [output.name if o == source else o for o in node.output]
-            node.input[:] = [output.name if i == source else i for i in node.input]
-        for info in list(graph.value_info):
-            if info.name == source:
-                graph.value_info.remove(info)
-        changed.append(output.name)
-    if changed:
-        used = {name for node in graph.node for name in node.input}
-        for init in list(graph.initializer):
-            if init.name not in used:
-                graph.initializer.remove(init)
-    return changed
-
-
-def _unified_concat(prep: _Prepared, stats: CalibrationStats) -> dict[str, tuple[float, float]]:
-    """Ranges where every Concat's inputs and output share the union of their ranges.
-
-    Around a channel split (ShuffleNet v2: Concat -> channel shuffle -> Split -> the
-    next Concat) the sharing is closed transitively by `ovqdq.split_groups`, so nothing
-    is requantized after the Split.
-    """
-    concats = [[*n.input, *n.output] for n in prep.model.graph.node if n.op_type == "Concat"]
-    ranges = dict(stats.ranges)
-    # Each Concat in graph order, then each split group, takes the union of its ranges.
-    for group in [*concats, *ovqdq.split_groups(prep.model)]:
-        names = [t for t in group if t in ranges]
-        if names:
-            lo = min(ranges[t][0] for t in names)
-            hi = max(ranges[t][1] for t in names)
-            ranges.update({t: (lo, hi) for t in names})
-    return ranges
-
-
-@contextlib.contextmanager
-def _prepared(fused: Path) -> Iterator[_Prepared]:
-    """ORT's quantization pre-processing (shape inference, basic optimisation) in a temp folder.
-
-    Pre-processing is an optimisation: when it fails, the fused graph is quantized
-    as is and the reason is recorded.
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(prefix="deploykit-calib-") as tmp:
-        workdir = Path(tmp)
-        pre = workdir / "model.pre.onnx"
-        path, note = pre, "ok"
-        try:
-            with _quiet_ort():
-                quant_pre_process(str(fused), str(pre), skip_symbolic_shape=True)
-        except Exception as exc:  # ORT raises assorted types; the fused graph still quantizes
-            path, note = fused, f"skipped: {type(exc).__name__}: {str(exc)[:160]}"
-        yield _Prepared(path=path, note=note, model=load_onnx(path, check=False), workdir=workdir)
-
-
-def _check_inputs(prep: _Prepared, data: Dataset) -> None:
+def _check_inputs(prep: PreparedGraph, data: Dataset) -> None:
     dims = prep.model.graph.input[0].type.tensor_type.shape.dim
     expected = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
     if all(isinstance(d, int) and d > 0 for d in expected) and data.inputs.shape[1:] != expected:
@@ -893,7 +476,7 @@ def _check_inputs(prep: _Prepared, data: Dataset) -> None:
         )
 
 
-def _check_excluded(prep: _Prepared, nodes: Sequence[str]) -> None:
+def _check_excluded(prep: PreparedGraph, nodes: Sequence[str]) -> None:
     unknown = sorted(set(nodes) - prep.node_names)
     if unknown:
         weighted = [n.name for n in prep.model.graph.node if n.op_type in ("Conv", "Gemm")]
@@ -914,71 +497,3 @@ def _save_checked(model: Any, out_path: Path) -> None:
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _quiet_ort() -> Iterator[None]:
-    """Silence ORT quantization's prints and warnings, restoring the logging level after."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def _ort_method(method: str) -> Any:
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "mse": CalibrationMethod.Entropy,  # its histograms; the search is deploykit's
-        "percentile": CalibrationMethod.Percentile,
-    }[method]
-
-
-# Inputs a histogram calibrator (entropy, percentile) is given at once. ONNX Runtime's
-# holds all their activations in memory: 256 inputs of EfficientNet-Lite1 (240x240) at
-# once took 24 GB and were killed on a 24 GB machine. 32 at a time: `deploykit calibrate
-# efficientnet_lite2 --calib-method percentile` (260x260, 256 inputs) peaks at 6.0 GB.
-HISTOGRAM_INPUTS = 32
-
-# Entropy (KL) needs a histogram much finer than the 128 levels it searches over (with
-# onnxruntime's default of 128 bins there is a single candidate and "entropy" silently
-# equals minmax). ONNX Runtime histograms x over [-amax, amax]; 4096 bins give the 2048
-# bins of |x| that TensorRT's calibrator searches.
-ENTROPY_BINS = 4096
-
-
-def _method_options(method: str) -> dict[str, Any]:
-    return {"num_bins": ENTROPY_BINS} if method in HISTOGRAM_SEARCHES else {}
-
-
-# Methods whose threshold deploykit searches on ONNX Runtime's entropy histograms:
-# ONNX Runtime's own KL search mis-handles ReLU outputs (deploykit.stages.entropy) and
-# it has no MSE search (deploykit.stages.mse).
-HISTOGRAM_SEARCHES = {"entropy": entropy.entropy_range, "mse": mse.mse_range}
-
-
-def _searched_ranges(calibrator: Any, search: Any) -> dict[str, tuple[float, float]]:
-    """Each tensor's range from the calibrator's signed histogram, by ``search``."""
-    histograms = calibrator.collector.histogram_dict
-    return {
-        tensor: search(hist, edges, float(lo), float(hi))
-        for tensor, (hist, edges, lo, hi, _threshold) in histograms.items()
-    }
-
-
-def _op_types_to_quantize() -> list[str]:
-    """The op types quantize_static quantizes (and calibrates) by default, in a stable order."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-
-
-def _static_batch(model: Any) -> int:
-    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1

@@ -31,7 +31,7 @@ from deploykit.stages.entropy import magnitude_histogram
 UNSIGNED_STEPS = 255
 SIGNED_STEPS = 127
 # Candidate thresholds: at most MAX_CANDIDATES, no fewer bins kept than MIN_BINS (a
-# histogram of 2048 |x| bins, `calibrate.ENTROPY_BINS` / 2).
+# histogram of 2048 |x| bins, `calibstats.ENTROPY_BINS` / 2).
 MAX_CANDIDATES = 512
 MIN_BINS = 16
 SUBSAMPLES = 8

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.harness.environment import cpu_info
+from deploykit.stages.qdqedit import U8_SIGNED_ZERO_POINT
 
 MODES = ("auto", "on", "off")
 INT16_MAX = 32767
@@ -60,7 +61,6 @@ MAX_CODE = 255.0
 MARGIN = 1.5
 # Any of these means the CPU's INT8 dot product accumulates in 32 bits.
 VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
-_U8_SIGNED_ZERO_POINT = 128.0
 
 
 @dataclass
@@ -170,7 +170,7 @@ def input_codes(
         return np.full(channels, MAX_CODE)
     positive = np.maximum(peaks.astype(np.float64), 0.0)
     if lo < 0.0:  # symmetric grid around code 128 (u8s8) or INT8 shifted by +128 (oneDNN)
-        codes = _U8_SIGNED_ZERO_POINT + margin * positive / (max(-lo, hi) / 127.0)
+        codes = U8_SIGNED_ZERO_POINT + margin * positive / (max(-lo, hi) / 127.0)
     else:
         codes = margin * positive / (hi / MAX_CODE)
     return np.minimum(np.ceil(codes), MAX_CODE)
