@@ -129,7 +129,8 @@ def coverage(
     Without MODELS the rows are the model zoo's architectures and convolution types
     (their small variants; --full for the full-size ones). Exits 1 when a cell fails.
     """
-    from deploykit.cli import _console, _parse_size
+    from deploykit.cli_common import console as _console
+    from deploykit.cli_common import parse_size
     from deploykit.harness import coverage as cov
 
     options = cov.CoverageOptions(
@@ -137,7 +138,7 @@ def coverage(
         full=full,
         backends=_split(backends, DEFAULT_BACKENDS),
         precisions=_split(precisions, "fp32,int8"),
-        input_size=_parse_size(input_size),
+        input_size=parse_size(input_size),
         fidelity_samples=fidelity_samples,
         eval_samples=eval_samples,
         calib_samples=calib_samples,
