@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deploykit.harness import coverage as cov
+from deploykit.harness import coverage_cell
 from deploykit.harness.coverage_report import bounded_weights_xfail
 from deploykit.models.contract import InputContract
 from deploykit.stages import bnrecal
@@ -304,7 +305,7 @@ def _per_tensor_vs_per_channel(keep: Path, model: str) -> dict[str, float]:
     source, contract = resolve(model)
     data, _ = bnrecal.recalibration_data(model, contract, 32)
     options = cov.CoverageOptions(eval_samples=300, fidelity_samples=16)
-    inputs = cov._eval_inputs(model, contract, options, not source.random_weights)[0]
+    inputs = coverage_cell._eval_inputs(model, contract, options, not source.random_weights)[0]
     reference = OrtSession(fused).run
     ref = np.concatenate([reference(inputs[i : i + 1]) for i in range(len(inputs))])
     result = {}
