@@ -275,3 +275,17 @@ def test_real_process_exit_code_and_one_line(cli_env: dict[str, str], tmp_path: 
 def test_bad_int8_accuracy_options(option: list[str], match: str, tmp_path: Path) -> None:
     args = ["export", "resnet18", "-t", "onnxruntime", "-p", "int8", "--calib", "synthetic"]
     _fails([*args, *option, "-o", str(tmp_path)], tmp_path, match)
+
+
+def test_bn_recalibration_of_real_weights_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deploykit.models.loaders as loaders
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(loaders, "load_torch", no_load)
+    monkeypatch.setattr("deploykit.pipeline.export.load_torch", no_load)
+    args = ["export", "fmnist_lenet5", "-t", "onnxruntime", "--bn-recalibrate"]
+    _fails([*args, "-o", str(tmp_path)], tmp_path, "random-weight models only")

@@ -95,6 +95,8 @@ def _check(request: ExportRequest) -> _Plan:
 
     request, backend = _check_target(request)
     source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+    if request.bn_recalibrate and not source.random_weights:
+        raise UserError("bn_recalibrate applies to random-weight models only; drop it")
     pretrained = _pretrained(source)
     calib_options = None
     if request.precision == "int8":

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deploykit.errors import UserError
 from deploykit.fsutil import staged_dir, write_text_atomic
 from deploykit.harness.environment import versions
 from deploykit.harness.report import Report
@@ -128,20 +127,19 @@ def bn_recalibration_stage(
     request: ExportRequest,
     caps: Any,
 ) -> None:
-    """Re-estimate a random-weight model's BatchNorm statistics and record it in `weights`."""
+    """Re-estimate a random-weight model's BatchNorm statistics and record it in `weights`.
+
+    `export` has checked that the model has random weights.
+    """
     from deploykit.stages.bnrecal import recalibrate_model
 
-    wanted = request.bn_recalibrate
-    if wanted and not source.random_weights:
-        raise UserError("bn_recalibrate applies to random-weight models only; drop it")
-    if not wanted:
+    if not request.bn_recalibrate:
         return
     if not caps.needs_onnx:
-        if wanted:
-            report.notes.append(
-                "BatchNorm statistics not re-estimated: the torch target rebuilds the model "
-                "from its source"
-            )
+        report.notes.append(
+            "BatchNorm statistics not re-estimated: the torch target rebuilds the model "
+            "from its source"
+        )
         return
     started = time.perf_counter()
     recal = recalibrate_model(module, source.ref, contract, seed=request.seed)
