@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from deploykit.harness.evaluate import decisive_note
+from deploykit.harness.intervals import interval_text
 from deploykit.harness.report import Report
 from deploykit.models.contract import InputContract
 
@@ -120,6 +121,7 @@ def accuracy_line(result: dict[str, Any]) -> str:
         f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%{note}, "
         f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
+    text += interval_text(result.get("intervals"))
     stability = result.get("stability")
     if stability:
         text += (

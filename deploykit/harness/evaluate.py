@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from deploykit.harness.datasets import Dataset
-from deploykit.harness.fidelity import compare_outputs
+from deploykit.harness.fidelity import compare_outputs, top5_overlaps
+from deploykit.harness.intervals import evaluation_intervals, interval_text, topk_hits
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
@@ -59,6 +60,8 @@ class Evaluation:
             (None for outputs with fewer than two classes).
         decisive_agreement: Top-1 agreement on those inputs, percent (None when there
             are none).
+        intervals: 95% confidence interval ``[lo, hi]`` of each figure by name
+            (`deploykit.harness.intervals`; inputs treated as independent).
     """
 
     dataset: str
@@ -79,6 +82,7 @@ class Evaluation:
     stability: dict[str, Any] | None = None
     decisive_samples: int | None = None
     decisive_agreement: float | None = None
+    intervals: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -95,7 +99,7 @@ class Evaluation:
         parts.append(
             f"agreement top-1 {self.top1_agreement:.1f}%"
             f"{decisive_note(self.decisive_samples, self.decisive_agreement, self.samples)}, "
-            f"top-5 overlap {self.top5_overlap:.1f}%"
+            f"top-5 overlap {self.top5_overlap:.1f}%{interval_text(self.intervals)}"
         )
         if self.stability:
             parts.append(
@@ -163,10 +167,7 @@ def decisive_agreement(
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Percent of rows whose label is among the `k` largest logits."""
-    flat = logits.reshape(logits.shape[0], -1)
-    k = min(k, flat.shape[1])
-    top = np.argpartition(-flat, k - 1, axis=1)[:, :k]
-    return float(100.0 * np.mean((top == labels[:, None]).any(axis=1)))
+    return float(100.0 * np.mean(topk_hits(logits, labels, k)))
 
 
 def evaluate_outputs(
@@ -179,12 +180,16 @@ def evaluate_outputs(
     """Score artifact outputs against FP32 outputs and, where known, the labels."""
     fid = compare_outputs(reference, outputs)
     top1 = top5 = ref1 = ref5 = drop = None
-    if data.labels is not None:
-        labels = np.asarray(data.labels)
+    labels = np.asarray(data.labels) if data.labels is not None else None
+    if labels is not None:
         top1, top5 = topk_accuracy(outputs, labels, 1), topk_accuracy(outputs, labels, 5)
         ref1, ref5 = topk_accuracy(reference, labels, 1), topk_accuracy(reference, labels, 5)
         drop = ref1 - top1
     decisive, decisive_top1 = decisive_agreement(reference, outputs)
+    overlaps = top5_overlaps(reference, outputs)
+    intervals = evaluation_intervals(
+        outputs, reference, labels, overlaps, (decisive, decisive_top1)
+    )
     return Evaluation(
         dataset=data.source,
         samples=int(outputs.shape[0]),
@@ -203,6 +208,7 @@ def evaluate_outputs(
         seconds=round(seconds, 3),
         decisive_samples=decisive,
         decisive_agreement=decisive_top1,
+        intervals=intervals,
     )
 
 

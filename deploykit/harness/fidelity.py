@@ -57,6 +57,16 @@ def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
+def top5_overlaps(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per sample: the fraction of the reference's top-5 classes in the candidate's top-5."""
+    ref2 = reference.reshape(reference.shape[0], -1)
+    cand2 = candidate.reshape(candidate.shape[0], -1)
+    k = min(5, ref2.shape[1])
+    ref_top = np.argsort(-ref2, axis=1)[:, :k]
+    cand_top = np.argsort(-cand2, axis=1)[:, :k]
+    return np.array([len(set(r) & set(c)) / k for r, c in zip(ref_top, cand_top, strict=True)])
+
+
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     """Compare batched outputs (first axis = samples) of a reference and a candidate.
 
@@ -75,12 +85,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     ref2 = reference.reshape(reference.shape[0], -1)
     cand2 = candidate.reshape(candidate.shape[0], -1)
     top1 = float(np.mean(ref2.argmax(axis=1) == cand2.argmax(axis=1)))
-    k = min(5, ref2.shape[1])
-    ref_top = np.argsort(-ref2, axis=1)[:, :k]
-    cand_top = np.argsort(-cand2, axis=1)[:, :k]
-    overlap = float(
-        np.mean([len(set(r) & set(c)) / k for r, c in zip(ref_top, cand_top, strict=True)])
-    )
+    overlap = float(np.mean(top5_overlaps(reference, candidate)))
     return Fidelity(
         cosine=float(np.nan_to_num(cos.min(), nan=0.0)),
         cosine_mean=float(np.nan_to_num(cos.mean(), nan=0.0)),
