@@ -83,12 +83,9 @@ def test_a_lost_photo_of_twenty_is_not_resolved() -> None:
 
 
 def test_unlabelled_sets_get_agreement_intervals_only() -> None:
-    reference, candidate, _ = _twenty_photos()
     overlaps = np.ones(20)
-    intervals = evaluation_intervals(candidate, reference, None, overlaps, (20, 95.0))
+    intervals = evaluation_intervals(20, 19, overlaps, None, (20, 95.0))
     assert set(intervals) == {"top1_agreement", "top5_overlap", "decisive_agreement"}
     assert intervals["top5_overlap"] == [100.0, 100.0]
     assert intervals["decisive_agreement"] == intervals["top1_agreement"]
-    assert "decisive_agreement" not in evaluation_intervals(
-        candidate, reference, None, overlaps, (0, None)
-    )
+    assert "decisive_agreement" not in evaluation_intervals(20, 19, overlaps, None, (0, None))

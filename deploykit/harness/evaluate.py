@@ -26,7 +26,7 @@ import numpy as np
 
 from deploykit.harness.datasets import Dataset
 from deploykit.harness.fidelity import compare_outputs, top5_overlaps
-from deploykit.harness.intervals import evaluation_intervals, interval_text, topk_hits
+from deploykit.harness.intervals import evaluation_intervals, interval_text
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
@@ -165,6 +165,14 @@ def decisive_agreement(
     return count, float(100.0 * same.mean())
 
 
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per input: True when its label is among the `k` largest logits."""
+    flat = logits.reshape(logits.shape[0], -1)
+    k = min(k, flat.shape[1])
+    top = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    return np.asarray((top == np.asarray(labels)[:, None]).any(axis=1))
+
+
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Percent of rows whose label is among the `k` largest logits."""
     return float(100.0 * np.mean(topk_hits(logits, labels, k)))
@@ -179,20 +187,30 @@ def evaluate_outputs(
 ) -> Evaluation:
     """Score artifact outputs against FP32 outputs and, where known, the labels."""
     fid = compare_outputs(reference, outputs)
+    samples = int(outputs.shape[0])
     top1 = top5 = ref1 = ref5 = drop = None
-    labels = np.asarray(data.labels) if data.labels is not None else None
-    if labels is not None:
-        top1, top5 = topk_accuracy(outputs, labels, 1), topk_accuracy(outputs, labels, 5)
-        ref1, ref5 = topk_accuracy(reference, labels, 1), topk_accuracy(reference, labels, 5)
+    hits = None
+    if data.labels is not None:
+        labels = np.asarray(data.labels)
+        hits = {
+            "top1": topk_hits(outputs, labels, 1),
+            "top5": topk_hits(outputs, labels, 5),
+            "fp32_top1": topk_hits(reference, labels, 1),
+            "fp32_top5": topk_hits(reference, labels, 5),
+        }
+        top1, top5, ref1, ref5 = (float(100.0 * np.mean(h)) for h in hits.values())
         drop = ref1 - top1
     decisive, decisive_top1 = decisive_agreement(reference, outputs)
-    overlaps = top5_overlaps(reference, outputs)
     intervals = evaluation_intervals(
-        outputs, reference, labels, overlaps, (decisive, decisive_top1)
+        samples,
+        round(fid.top1_agreement * samples),
+        top5_overlaps(reference, outputs),
+        hits,
+        (decisive, decisive_top1),
     )
     return Evaluation(
         dataset=data.source,
-        samples=int(outputs.shape[0]),
+        samples=samples,
         labelled=data.labels is not None,
         top1=top1,
         top5=top5,

@@ -71,28 +71,21 @@ def bootstrap_mean(
     return float(lo), float(hi)
 
 
-def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per input: True when its label is among the `k` largest logits."""
-    flat = logits.reshape(logits.shape[0], -1)
-    k = min(k, flat.shape[1])
-    top = np.argpartition(-flat, k - 1, axis=1)[:, :k]
-    return np.asarray((top == np.asarray(labels)[:, None]).any(axis=1))
-
-
 def evaluation_intervals(
-    outputs: np.ndarray,
-    reference: np.ndarray,
-    labels: np.ndarray | None,
+    samples: int,
+    agreeing: int,
     overlaps: np.ndarray,
+    hits: dict[str, np.ndarray] | None,
     decisive: tuple[int | None, float | None],
 ) -> dict[str, list[float]]:
     """The 95% intervals of one evaluation's figures, in percent (points for ``drop``).
 
     Args:
-        outputs: The artifact's outputs, one row per input.
-        reference: The reference's outputs on the same inputs.
-        labels: Class labels, or None for an unlabelled set.
+        samples: Inputs evaluated.
+        agreeing: Inputs whose top-1 class matches the reference's.
         overlaps: Per-input fraction of the reference's top-5 in the artifact's top-5.
+        hits: Per-input label hits of the artifact (``top1``, ``top5``) and the
+            reference (``fp32_top1``, ``fp32_top5``), or None for an unlabelled set.
         decisive: (decisive inputs, agreement on them in percent), as
             `deploykit.harness.evaluate.decisive_agreement` returns them.
 
@@ -101,26 +94,16 @@ def evaluation_intervals(
         ``fp32_top1``, ``fp32_top5`` and ``drop`` with labels; ``decisive_agreement``
         when some input is decisive.
     """
-    n = int(outputs.shape[0])
-    out = outputs.reshape(n, -1)
-    ref = reference.reshape(n, -1)
-    same = out.argmax(axis=1) == ref.argmax(axis=1)
     result = {
-        "top1_agreement": list(wilson(int(same.sum()), n)),
+        "top1_agreement": list(wilson(agreeing, samples)),
         "top5_overlap": [100.0 * v for v in bootstrap_mean(overlaps)],
     }
     count, agreement = decisive
     if count and agreement is not None:
         result["decisive_agreement"] = list(wilson(round(agreement * count / 100.0), count))
-    if labels is not None:
-        hits = {
-            "top1": topk_hits(outputs, labels, 1),
-            "top5": topk_hits(outputs, labels, 5),
-            "fp32_top1": topk_hits(reference, labels, 1),
-            "fp32_top5": topk_hits(reference, labels, 5),
-        }
+    if hits is not None:
         for name, hit in hits.items():
-            result[name] = list(wilson(int(hit.sum()), n))
+            result[name] = list(wilson(int(hit.sum()), samples))
         paired = hits["fp32_top1"].astype(np.float64) - hits["top1"].astype(np.float64)
         result["drop"] = [100.0 * v for v in bootstrap_mean(paired)]
     return {name: [round(lo, 2), round(hi, 2)] for name, (lo, hi) in result.items()}
