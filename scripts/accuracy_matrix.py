@@ -130,6 +130,8 @@ def main() -> int:
                                         "top5_overlap",
                                     )
                                 },
+                                "intervals": acc.get("intervals"),
+                                "interval_groups": acc.get("interval_groups"),
                                 "p50_ms": report.latency["p50_ms"] if report.latency else None,
                                 "seconds": round(time.perf_counter() - started, 1),
                             }

@@ -62,6 +62,19 @@ def manifests() -> list[Manifest]:
             files=tuple(labelled),
         ),
         Manifest(
+            name="imagenet-photos20-views",
+            description="the 20 labelled ImageNet photos x 32 augmented views, each view keeping "
+            "its photo's label: 640 inputs from 20 independent photos, for figures the 20 "
+            "photos alone cannot resolve; no photo is shared with natural-images-calib",
+            role="eval",
+            kind="augmented",
+            labels="imagenet1k",
+            licence="foolbox MIT; the photos come from ImageNet (research and education use)",
+            files=tuple(labelled),
+            params=dict(AUGMENT, per_image=32, seed=1),
+            disjoint_from=("natural-images-calib",),
+        ),
+        Manifest(
             name="natural-images",
             description="4 unlabelled natural photos x 64 augmented views, scored as "
             "agreement with the FP32 model; no photo is shared with natural-images-calib",

@@ -96,6 +96,29 @@ def test_augmented_set_is_deterministic_and_subsets_are_stable() -> None:
     assert not np.allclose(calib.inputs, first.inputs)
 
 
+def test_views_of_labelled_photos_keep_their_labels_and_their_photo() -> None:
+    whole = load_eval_data("imagenet-photos20-views", SMALL)
+    photos = evalsets.find_manifest("imagenet-photos20")
+    assert whole.inputs.shape == (640, 3, 64, 64)
+    assert whole.labels is not None and whole.groups is not None
+    # 32 views per photo, in the manifest's order, each with its photo's class.
+    expected = np.repeat([f.label for f in photos.files], 32)
+    np.testing.assert_array_equal(whole.labels, expected)
+    np.testing.assert_array_equal(whole.groups, np.repeat(np.arange(20), 32))
+    # A subset keeps each view's photo and label: the groups match the inputs taken.
+    part = load_eval_data("imagenet-photos20-views", SMALL, count=50)
+    manifest = evalsets.find_manifest("imagenet-photos20-views")
+    chosen = np.sort(np.random.default_rng(0).choice(640, size=50, replace=False))
+    assert part.groups is not None and part.labels is not None
+    np.testing.assert_array_equal(part.groups, chosen // 32)
+    np.testing.assert_array_equal(part.labels, expected[chosen])
+    np.testing.assert_array_equal(part.inputs, whole.inputs[chosen])
+    np.testing.assert_array_equal(evalsets.source_groups(manifest, 50), part.groups)
+    # Files and IDX sets have one input per source: no groups.
+    assert load_eval_data("imagenet-photos20", SMALL).groups is None
+    assert evalsets.source_groups(photos) is None
+
+
 def test_a_changed_data_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = evalsets.find_manifest("imagenet-photos20")
     source = manifest.files[0]

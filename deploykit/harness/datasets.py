@@ -42,6 +42,8 @@ class Dataset:
         labels: Class index per input where known.
         classes: Class names (sub-folder names) where known.
         manifest: What the set's manifest says of it, for sets from ``calibration/``.
+        groups: Source photo of each input for sets of augmented views (inputs of one
+            group are correlated draws); None where every input is its own source.
     """
 
     inputs: np.ndarray
@@ -50,6 +52,7 @@ class Dataset:
     labels: list[int] | None = None
     classes: list[str] = field(default_factory=list)
     manifest: dict[str, object] | None = None
+    groups: np.ndarray | None = None
 
     def describe(self) -> dict[str, object]:
         """What a report records about the data."""
@@ -93,6 +96,7 @@ def _from_manifest(spec: str, contract: InputContract, count: int | None, seed: 
         sha256=manifest.sha256,
         labels=labels,
         manifest=manifest.describe(),
+        groups=evalsets.source_groups(manifest, count, seed),
     )
 
 

