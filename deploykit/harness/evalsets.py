@@ -298,9 +298,7 @@ def _chosen(manifest: Manifest, count: int | None, seed: int) -> np.ndarray | No
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
-def source_groups(
-    manifest: Manifest, count: int | None = None, seed: int = 0
-) -> np.ndarray | None:
+def source_groups(manifest: Manifest, count: int | None = None, seed: int = 0) -> np.ndarray | None:
     """For an augmented set, the source photo (its index in the manifest) of each input.
 
     Views of one photo are correlated draws, not independent ones, so intervals

@@ -150,9 +150,7 @@ def evaluation_intervals(
         "top5_overlap": [100.0 * v for v in bootstrap_mean(overlaps)],
     }
     if decisive is not None and decisive.any():
-        result["decisive_agreement"] = list(
-            wilson(int(agree[decisive].sum()), int(decisive.sum()))
-        )
+        result["decisive_agreement"] = list(wilson(int(agree[decisive].sum()), int(decisive.sum())))
     if hits is not None:
         for name, hit in hits.items():
             result[name] = list(wilson(int(hit.sum()), samples))
