@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deploykit.errors import WeightsError
+from deploykit.harness.evalsets import find_manifest
 from deploykit.models import efficientnet_lite
 from deploykit.models.catalogue import get_model_spec
 from deploykit.models.loaders import load_torch, load_weights, resolve
@@ -77,6 +78,13 @@ def test_catalogue_entry_carries_the_tensorflow_contract(name: str) -> None:
     assert spec.contract.mean == pytest.approx((127 / 255,) * 3)
     assert spec.contract.std == pytest.approx((128 / 255,) * 3)
     assert spec.pretrained is not None and spec.pretrained.labels == "imagenet1k"
+    # Labelled ImageNet data large enough to resolve a 1-point top-1 budget is evaluated
+    # by default, and nothing the model is evaluated on is in its calibration set.
+    assert "imagenet-photos20-views" in spec.pretrained.eval_sets
+    assert spec.pretrained.calib_set == "natural-images-calib"
+    calib = {f.sha256 for f in find_manifest(spec.pretrained.calib_set).files}
+    for eval_set in spec.pretrained.eval_sets:
+        assert not calib & {f.sha256 for f in find_manifest(eval_set).files}, eval_set
     assert spec.num_params == sum(p.numel() for p in spec.builder().parameters())
 
 
