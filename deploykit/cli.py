@@ -173,9 +173,17 @@ def main() -> None:
     help="Largest top-1 drop against FP32 (points) on a labelled set.",
 )
 @click.option(
+    "--min-top5-overlap",
+    type=float,
+    help="Smallest top-5 overlap with FP32 (percent) on every evaluation set; INT8 that "
+    "misses it keeps sensitive layers in float like a missed drop budget [default: not "
+    "gated].",
+)
+@click.option(
     "--no-fallback",
     is_flag=True,
-    help="Do not keep sensitive layers in float when INT8 misses --max-accuracy-drop.",
+    help="Do not keep sensitive layers in float when INT8 misses --max-accuracy-drop "
+    "or --min-top5-overlap.",
 )
 @click.option(
     "--max-fallback-layers",
@@ -244,6 +252,7 @@ def export(
     no_eval: bool,
     eval_samples: int | None,
     max_accuracy_drop: float,
+    min_top5_overlap: float | None,
     no_fallback: bool,
     max_fallback_layers: int | None,
     torch_compile: bool,
@@ -295,6 +304,7 @@ def export(
         eval_data=[] if no_eval else (list(eval_data) or None),
         eval_samples=eval_samples,
         max_accuracy_drop=max_accuracy_drop,
+        min_top5_overlap=min_top5_overlap,
         fallback=not no_fallback,
         max_fallback_layers=max_fallback_layers,
         extra={

@@ -270,6 +270,10 @@ def test_real_process_exit_code_and_one_line(cli_env: dict[str, str], tmp_path: 
         (["--max-fallback-layers", "0"], "--max-fallback-layers must be at least 1"),
         (["--max-accuracy-drop", "-1"], "--max-accuracy-drop must be >= 0"),
         (["--quantizer", "nope"], "no 'nope' quantizer"),
+        (["--min-top5-overlap", "0"], "--min-top5-overlap is a percentage in (0, 100]"),
+        (["--min-top5-overlap", "101"], "--min-top5-overlap is a percentage in (0, 100]"),
+        # resnet18 has random weights and so no evaluation sets of its own.
+        (["--min-top5-overlap", "97"], "--min-top5-overlap needs evaluation data"),
     ],
 )
 def test_bad_int8_accuracy_options(option: list[str], match: str, tmp_path: Path) -> None:

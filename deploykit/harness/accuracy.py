@@ -29,6 +29,7 @@ class AccuracyCheck:
     batch: int
     budget: float
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    min_top5_overlap: float | None = None
 
     @classmethod
     def load(
@@ -41,18 +42,27 @@ class AccuracyCheck:
         batch: int,
         budget: float,
         reference_batch: int | None = None,
+        min_top5_overlap: float | None = None,
     ) -> AccuracyCheck:
         """Load each set and run the FP32 reference on it.
 
         Args:
             reference_batch: Batch for the reference when it takes any batch (PyTorch);
                 default the artifact's batch.
+            min_top5_overlap: Smallest top-5 overlap with the reference (percent) every
+                set must keep; None = not gated.
         """
         sets = []
         for name in names:
             data = load_eval_data(name, contract, samples)
             sets.append((data, run_batched(reference, data.inputs, reference_batch or batch)))
-        return cls(sets=sets, reference_label=reference_label, batch=batch, budget=budget)
+        return cls(
+            sets=sets,
+            reference_label=reference_label,
+            batch=batch,
+            budget=budget,
+            min_top5_overlap=min_top5_overlap,
+        )
 
     def evaluate(self, infer: Infer) -> dict[str, dict[str, Any]]:
         """Evaluate a candidate on every set; the results also become :attr:`results`."""
@@ -81,9 +91,28 @@ class AccuracyCheck:
         ]
         return max(excess) + self.budget if excess else None
 
+    def overlap_shortfall(self, results: dict[str, dict[str, Any]] | None = None) -> float | None:
+        """Points by which the worst set misses :attr:`min_top5_overlap` (<= 0: every set
+        keeps it); None when the overlap is not gated."""
+        if self.min_top5_overlap is None:
+            return None
+        overlaps = [r["top5_overlap"] for r in (results or self.results).values()]
+        return self.min_top5_overlap - min(overlaps) if overlaps else None
+
+    def met(self, results: dict[str, dict[str, Any]] | None = None) -> bool:
+        """True when every set meets the drop budget and, if gated, the top-5 overlap."""
+        drop = self.worst_drop(results)
+        shortfall = self.overlap_shortfall(results)
+        return (drop is None or drop <= self.budget + 1e-9) and (
+            shortfall is None or shortfall <= 1e-9
+        )
+
     def gates(self) -> list[Gate]:
-        """One gate per labelled set."""
-        return accuracy_gates(self.results, self.budget)
+        """One gate per labelled set, and one per set for a gated top-5 overlap."""
+        gates = accuracy_gates(self.results, self.budget)
+        if self.min_top5_overlap is not None:
+            gates += overlap_gates(self.results, self.min_top5_overlap)
+        return gates
 
 
 def accuracy_gates(accuracy: dict[str, Any], budget: float) -> list[Gate]:
@@ -103,6 +132,19 @@ def accuracy_gates(accuracy: dict[str, Any], budget: float) -> list[Gate]:
             )
         )
     return gates
+
+
+def overlap_gates(accuracy: dict[str, Any], minimum: float) -> list[Gate]:
+    """One gate per set: top-5 overlap with the reference of at least `minimum` percent."""
+    return [
+        Gate(
+            name=f"top5_overlap:{name}",
+            passed=result["top5_overlap"] >= minimum - 1e-9,
+            detail=f"top-5 overlap with {result.get('reference', 'fp32')} "
+            f"{result['top5_overlap']:.2f}% (at least {minimum:g}%)",
+        )
+        for name, result in accuracy.items()
+    ]
 
 
 def effective_budget(budget: float, samples: int) -> float:

@@ -105,12 +105,21 @@ def _check(request: ExportRequest) -> _Plan:
         calib_options = _int8_options(request, backend)
     if request.max_accuracy_drop < 0:
         raise UserError(f"--max-accuracy-drop must be >= 0, got {request.max_accuracy_drop}")
+    if request.min_top5_overlap is not None and not 0 < request.min_top5_overlap <= 100:
+        raise UserError(
+            f"--min-top5-overlap is a percentage in (0, 100], got {request.min_top5_overlap}"
+        )
     if request.max_fallback_layers is not None and request.max_fallback_layers < 1:
         raise UserError(
             f"--max-fallback-layers must be at least 1, got {request.max_fallback_layers}; "
             "use --no-fallback to turn the fallback off"
         )
     eval_sets = _eval_sets(request, pretrained)
+    if request.min_top5_overlap is not None and not eval_sets:
+        raise UserError(
+            "--min-top5-overlap needs evaluation data: pass --eval-data SET "
+            "(`deploykit datasets` lists the shipped sets)"
+        )
     rng = request.batch_range()
     batch = request.measure_batch()
     threads = request.threads or usable_cores()

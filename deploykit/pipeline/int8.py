@@ -230,7 +230,8 @@ def accuracy_stage(
     calibrated: tuple[Any, Any] | None,
     on_step: Step,
 ) -> Any:
-    """Evaluate on real data, gate the top-1 drop, and fall back layers if INT8 misses it.
+    """Evaluate on real data, gate the top-1 drop (and the top-5 overlap when asked), and
+    fall back layers if INT8 misses either.
 
     Returns:
         The artifact to keep: the first one, or the fallback's last.
@@ -249,17 +250,13 @@ def accuracy_stage(
         batch,
         request.max_accuracy_drop,
         reference_batch=REFERENCE_BATCH if module is not None else None,
+        min_top5_overlap=request.min_top5_overlap,
     )
     with backend.runner(artifact) as runner:
         report.accuracy = check.evaluate(runner.infer)
     record_stage(report, "accuracy", started, work, None, {"sets": sets})
     drop = check.worst_drop()
-    if (
-        drop is not None
-        and drop > request.max_accuracy_drop
-        and calibrated is not None
-        and request.fallback
-    ):
+    if not check.met() and calibrated is not None and request.fallback:
         artifact = _fallback_stage(
             report,
             work,
@@ -284,7 +281,7 @@ def _fallback_stage(
     artifact: Any,
     compile_model: Callable[[Path | None], Any],
     check: Any,
-    drop: float,
+    drop: float | None,
     request: ExportRequest,
     calibrated: tuple[Any, Any],
     on_step: Step,
@@ -319,15 +316,26 @@ def _fallback_stage(
         return (worst if worst is not None else 0.0), results
 
     result = run_fallback(
-        ranking, attempt, request.max_accuracy_drop, drop, limit, on_step, quantized
+        ranking,
+        attempt,
+        request.max_accuracy_drop,
+        drop,
+        limit,
+        on_step,
+        quantized,
+        accept=lambda _drop, results: check.met(results),
+        min_top5_overlap=request.min_top5_overlap,
     )
     report.fallback = result.to_dict()
     record_stage(
         report, "fallback", started, work, qdq, {"met": result.met, "layers": result.excluded}
     )
     if not result.met:
+        target = f"the {request.max_accuracy_drop:g} pt budget"
+        if request.min_top5_overlap is not None:
+            target += f" or the {request.min_top5_overlap:g}% top-5 overlap"
         report.notes.append(
             f"accuracy fallback kept {len(result.excluded)} layer(s) in float and still missed "
-            f"the {request.max_accuracy_drop:g} pt budget"
+            f"{target}"
         )
     return built[-1] if built else artifact

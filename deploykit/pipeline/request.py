@@ -62,6 +62,9 @@ class ExportRequest:
             model's own sets when it has real weights, none otherwise.
         eval_samples: Inputs per evaluation set; None = the whole set.
         max_accuracy_drop: Largest top-1 drop (points) against FP32 on a labelled set.
+        min_top5_overlap: Smallest top-5 overlap with FP32 (percent) on every evaluation
+            set; None = not gated. Like the drop budget, a miss under INT8 starts the
+            fallback.
         fallback: When INT8 misses the budget, keep the most sensitive layers in float.
         max_fallback_layers: Most layers the fallback may keep in float; None = a quarter
             of the quantized layers (at least 4).
@@ -107,6 +110,7 @@ class ExportRequest:
     eval_data: list[str] | None = None
     eval_samples: int | None = None
     max_accuracy_drop: float = 1.0
+    min_top5_overlap: float | None = None
     fallback: bool = True
     max_fallback_layers: int | None = None
     bn_recalibrate: bool = False

@@ -57,6 +57,7 @@ REQUEST_FIELDS: dict[str, str | None] = {
     "eval_data": "evaluation.data",
     "eval_samples": "evaluation.samples",
     "max_accuracy_drop": "gates.max_accuracy_drop",
+    "min_top5_overlap": "gates.min_top5_overlap",
     "fallback": "gates.fallback",
     "max_fallback_layers": "gates.max_fallback_layers",
     "bn_recalibrate": "model.bn_recalibrate",

@@ -250,12 +250,19 @@ class GatesSection(_Section):
     max_accuracy_drop: float = Field(
         default=1.0, ge=0, description="Largest top-1 drop against FP32 (points)."
     )
+    min_top5_overlap: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Smallest top-5 overlap with FP32 (percent) on every evaluation set.",
+    )
     latency_budget_ms: float | None = Field(
         default=None, gt=0, description="Largest allowed p50 latency in milliseconds."
     )
     fallback: bool = Field(
         default=True,
-        description="Keep sensitive layers in float when INT8 misses max_accuracy_drop.",
+        description="Keep sensitive layers in float when INT8 misses max_accuracy_drop "
+        "or min_top5_overlap.",
     )
     max_fallback_layers: int | None = Field(
         default=None, ge=1, description="Most layers the fallback may keep in float."

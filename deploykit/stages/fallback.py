@@ -67,8 +67,9 @@ class FallbackResult:
 
     Attributes:
         budget: Top-1 drop allowed, in points.
-        initial_drop: Worst drop before any fallback.
-        met: True when the budget holds with `excluded` in float.
+        initial_drop: Worst drop before any fallback (None without a labelled set).
+        met: True when the budget (and the top-5 overlap target) holds with `excluded`
+            in float.
         excluded: Layers kept in float in the final model.
         candidates: Quantized layers that could fall back.
         ranking: The most sensitive layers, most sensitive first.
@@ -76,12 +77,13 @@ class FallbackResult:
     """
 
     budget: float
-    initial_drop: float
+    initial_drop: float | None
     met: bool = False
     excluded: list[str] = field(default_factory=list)
     candidates: int = 0
     ranking: list[LayerSensitivity] = field(default_factory=list)
     steps: list[FallbackStep] = field(default_factory=list)
+    min_top5_overlap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (the ranking cut to the 20 most sensitive layers)."""
@@ -213,10 +215,12 @@ def run_fallback(
     ranking: list[LayerSensitivity],
     attempt: Callable[[list[str]], tuple[float, dict[str, Any]]],
     budget: float,
-    initial_drop: float,
+    initial_drop: float | None,
     max_layers: int,
     on_step: Callable[[str], None] = lambda _: None,
     quantized: Collection[str] | None = None,
+    accept: Callable[[float, dict[str, Any]], bool] | None = None,
+    min_top5_overlap: float | None = None,
 ) -> FallbackResult:
     """Keep more and more of the most sensitive layers in float until the budget holds.
 
@@ -231,10 +235,18 @@ def run_fallback(
         quantized: Every quantized compute layer of the model (`quantized_layers`); a
             step that would keep all of them in float is not tried. Without it, the
             ranked layers stand for all of them.
+        accept: Whether a step's (drop, details) meets every target; default: the drop
+            is within `budget`.
+        min_top5_overlap: The top-5 overlap target `accept` also judges, for the record.
     """
     result = FallbackResult(
-        budget=budget, initial_drop=initial_drop, candidates=len(ranking), ranking=ranking
+        budget=budget,
+        initial_drop=initial_drop,
+        candidates=len(ranking),
+        ranking=ranking,
+        min_top5_overlap=min_top5_overlap,
     )
+    meets = accept or (lambda drop, _details: drop <= budget + 1e-9)
     every = set(quantized) if quantized is not None else {n for r in ranking for n in r.nodes}
     for count in schedule(len(ranking), max_layers):
         excluded = sorted({node for r in ranking[:count] for node in r.nodes})
@@ -252,7 +264,7 @@ def run_fallback(
             )
         )
         result.excluded = excluded
-        if drop <= budget + 1e-9:
+        if meets(drop, details):
             result.met = True
             break
     return result
