@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,6 +92,24 @@ def _eval_set(tmp_path: Path) -> Path:
     return path
 
 
+def _outlier_run(target: str, eval_path: Path, **options: Any) -> dict[str, Any]:
+    """ExportRequest fields of a quick INT8 run of outlier_net evaluated on `eval_path`."""
+    return {
+        "model": "tinynets:outlier_net",
+        "target": target,
+        "precision": "int8",
+        "input_size": (32, 32),
+        "calib": "synthetic",
+        "calib_samples": 32,
+        "eval_data": [str(eval_path)],
+        "runs": 5,
+        "warmup": 1,
+        "min_seconds": 0.0,
+        "fidelity_samples": 8,
+        **options,
+    }
+
+
 @pytest.mark.parametrize(
     ("target", "batch"), [("onnxruntime", 1), ("openvino", 1), ("onnxruntime", 2)]
 )
@@ -100,21 +119,7 @@ def test_fallback_recovers_accuracy_on_a_sensitive_model(
     if target == "openvino":
         pytest.importorskip("openvino")
     eval_path = _eval_set(tmp_path)
-    common = dict(
-        model="tinynets:outlier_net",
-        target=target,
-        precision="int8",
-        input_size=(32, 32),
-        batch=batch,
-        calib="synthetic",
-        calib_samples=32,
-        eval_data=[str(eval_path)],
-        max_accuracy_drop=3.0,
-        runs=5,
-        warmup=1,
-        min_seconds=0.0,
-        fidelity_samples=8,
-    )
+    common = _outlier_run(target, eval_path, batch=batch, max_accuracy_drop=3.0)
     # Without the fallback the budget is missed by far: the gate fails, the run is kept.
     with pytest.raises(GateError, match="accuracy"):
         api.export(api.ExportRequest(**common, out=str(tmp_path / "plain"), fallback=False))
@@ -210,21 +215,8 @@ def test_top5_overlap_target_starts_the_fallback_and_is_met(tmp_path: Path, targ
     if target == "openvino":
         pytest.importorskip("openvino")
     eval_path = _eval_set(tmp_path)
-    common = dict(
-        model="tinynets:outlier_net",
-        target=target,
-        precision="int8",
-        input_size=(32, 32),
-        calib="synthetic",
-        calib_samples=32,
-        eval_data=[str(eval_path)],
-        max_accuracy_drop=100.0,  # only the overlap target can start the fallback
-        min_top5_overlap=TOP5_TARGET,
-        runs=5,
-        warmup=1,
-        min_seconds=0.0,
-        fidelity_samples=8,
-    )
+    # A drop budget of 100 points: only the overlap target can start the fallback.
+    common = _outlier_run(target, eval_path, max_accuracy_drop=100.0, min_top5_overlap=TOP5_TARGET)
     with pytest.raises(GateError, match="top5_overlap"):
         api.export(api.ExportRequest(**common, out=str(tmp_path / "plain"), fallback=False))
     plain = api.load_report(tmp_path / "plain" / "outlier_net" / f"{target}-int8")
