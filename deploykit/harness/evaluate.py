@@ -175,10 +175,7 @@ def decisive_agreement(
         (decisive inputs, agreement on them in percent); (None, None) for outputs
         with fewer than two classes, (0, None) when no input is decisive.
     """
-    decisive = decisive_mask(reference, margin)
-    if decisive is None:
-        return None, None
-    return _decisive_figures(decisive, top1_matches(reference, candidate))
+    return _decisive_figures(decisive_mask(reference, margin), top1_matches(reference, candidate))
 
 
 def _decisive_figures(
