@@ -163,7 +163,7 @@ def test_grouped_sets_resample_their_photos_and_say_so() -> None:
     one_photo = Dataset(
         inputs=np.zeros((20, 1)), source="v", sha256="x", labels=labels, groups=np.zeros(20)
     )
-    # A single photo cannot be resampled: the independent intervals stand.
-    assert evaluate_outputs(candidate, reference, one_photo, "toy").intervals == (
-        independent.intervals
-    )
+    # A single photo cannot be resampled: the independent intervals stand, and say so.
+    alone = evaluate_outputs(candidate, reference, one_photo, "toy")
+    assert alone.intervals == independent.intervals
+    assert alone.interval_groups is None and "resampling" not in alone.summary()

@@ -321,9 +321,13 @@ def _files(
     indices = range(len(manifest.files)) if chosen is None else chosen.tolist()
     picked = [manifest.files[i] for i in indices]
     arrays = [preprocess(decode_image(verified_path(f)), contract) for f in picked]
-    labels = [f.label for f in picked]
+    return np.stack(arrays).astype(np.float32), _all_labels([f.label for f in picked])
+
+
+def _all_labels(labels: list[int | None]) -> list[int] | None:
+    """The labels as class indices when every input has one, else None (unlabelled)."""
     known = [int(v) for v in labels if v is not None]
-    return np.stack(arrays).astype(np.float32), known if len(known) == len(labels) else None
+    return known if len(known) == len(labels) else None
 
 
 def _augmented(
@@ -346,8 +350,7 @@ def _augmented(
                 labels.append(source.label)
     # A view keeps its photo's label (as ImageNet training's random resized crops do),
     # when every photo has one.
-    known = [int(v) for v in labels if v is not None]
-    return np.stack(arrays).astype(np.float32), known if len(known) == len(labels) else None
+    return np.stack(arrays).astype(np.float32), _all_labels(labels)
 
 
 def augment(image: np.ndarray, count: int, params: dict[str, Any], stream: int) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from deploykit.harness.datasets import Dataset
 from deploykit.harness.fidelity import compare_outputs, top5_overlaps
-from deploykit.harness.intervals import evaluation_intervals, interval_text
+from deploykit.harness.intervals import evaluation_intervals, interval_text, resampled_groups
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
@@ -231,7 +231,7 @@ def evaluate_outputs(
     intervals = evaluation_intervals(
         samples, agree, top5_overlaps(reference, outputs), hits, decisive_inputs, groups
     )
-    interval_groups = None if groups is None else int(np.unique(groups).size)
+    interval_groups = resampled_groups(groups)
     return Evaluation(
         dataset=data.source,
         samples=samples,

@@ -115,6 +115,15 @@ def cluster_bootstrap_mean(
     return float(lo), float(hi)
 
 
+def resampled_groups(groups: np.ndarray | None) -> int | None:
+    """How many source photos the intervals resample: None when the inputs count as
+    independent (no groups, or a single photo, which cannot be resampled)."""
+    if groups is None:
+        return None
+    count = int(np.unique(groups).size)
+    return count if count > 1 else None
+
+
 def evaluation_intervals(
     samples: int,
     agree: np.ndarray,
@@ -143,7 +152,7 @@ def evaluation_intervals(
         when some input is decisive.
     """
     agree = np.asarray(agree, dtype=bool).reshape(-1)
-    if groups is not None and np.unique(groups).size > 1:
+    if groups is not None and resampled_groups(groups):
         return _grouped_intervals(agree, overlaps, hits, decisive, np.asarray(groups))
     result = {
         "top1_agreement": list(wilson(int(agree.sum()), samples)),
