@@ -65,6 +65,14 @@ def _calibration_options(func: Any) -> Any:
             "depthwise-heavy nets].",
         ),
         click.option(
+            "--weight-rounding",
+            type=click.Choice(["auto", "nearest", "gptq"]),
+            default="auto",
+            show_default=True,
+            help="INT8 weight rounding: nearest, or gptq (each layer's rounding errors "
+            "cancel on its calibration inputs); auto: gptq for depthwise-heavy nets.",
+        ),
+        click.option(
             "--no-calib-cache",
             is_flag=True,
             help="Recompute the calibration statistics instead of reusing the cache "
@@ -242,6 +250,7 @@ def export(
     calib_percentile: float,
     per_tensor: bool,
     bias_correction: bool | None,
+    weight_rounding: str,
     no_calib_cache: bool,
     exact_residuals: bool,
     overflow_fix: str,
@@ -295,6 +304,7 @@ def export(
         calib_percentile=calib_percentile,
         per_channel=not per_tensor,
         bias_correction=bias_correction,
+        weight_rounding=weight_rounding,
         calib_cache=not no_calib_cache,
         quantizer=quantizer,
         bn_recalibrate=bn_recalibrate,
@@ -363,6 +373,7 @@ def calibrate(
     encoding: str,
     per_tensor: bool,
     bias_correction: bool | None,
+    weight_rounding: str,
     no_calib_cache: bool,
     exact_residuals: bool,
     overflow_fix: str,
@@ -384,6 +395,7 @@ def calibrate(
             encoding=encoding,
             per_channel=not per_tensor,
             bias_correction=bias_correction,
+            weight_rounding=weight_rounding,
             calib_cache=not no_calib_cache,
             weights=weights,
             input_size=parse_size(input_size),

@@ -193,6 +193,7 @@ def _int8_options(request: ExportRequest, backend: Any) -> Any:
         encoding=request.int8_encoding or caps.int8_encoding or "s8s8",
         per_channel=request.per_channel,
         bias_correction=request.bias_correction,
+        weight_rounding=request.weight_rounding,
         use_cache=request.calib_cache,
         exact_residuals=request.exact_residuals,
         overflow_fix=request.overflow_fix,

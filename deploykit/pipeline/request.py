@@ -48,6 +48,8 @@ class ExportRequest:
         per_channel: Per-channel weight scales (per-tensor when False).
         bias_correction: Per-channel bias correction after quantization; None = on for
             depthwise-heavy nets.
+        weight_rounding: INT8 weight rounding: nearest, gptq
+            (`deploykit.stages.rounding`), or auto (gptq for depthwise-heavy nets).
         calib_cache: Reuse cached calibration statistics (``--no-calib-cache`` recomputes).
         quantizer: ``deploykit`` (one Q/DQ ONNX for every backend) or the backend's own
             (``nncf`` for OpenVINO).
@@ -102,6 +104,7 @@ class ExportRequest:
     calib_percentile: float = 99.999
     per_channel: bool = True
     bias_correction: bool | None = None
+    weight_rounding: str = "auto"
     calib_cache: bool = True
     quantizer: str = "deploykit"
     int8_encoding: str | None = None

@@ -49,6 +49,7 @@ REQUEST_FIELDS: dict[str, str | None] = {
     "calib_percentile": "calibration.percentile",
     "per_channel": "calibration.per_channel",
     "bias_correction": "calibration.bias_correction",
+    "weight_rounding": "calibration.weight_rounding",
     "calib_cache": "calibration.cache",
     "quantizer": "calibration.quantizer",
     "int8_encoding": "calibration.encoding",

@@ -137,6 +137,11 @@ class CalibrationSection(_Section):
         description="Per-channel bias correction after quantization; null = on for "
         "depthwise-heavy nets.",
     )
+    weight_rounding: Literal["auto", "nearest", "gptq"] = Field(
+        default="auto",
+        description="INT8 weight rounding: nearest, or gptq (each layer's rounding errors "
+        "cancel on its calibration inputs); auto = gptq for depthwise-heavy nets.",
+    )
     cache: bool = Field(default=True, description="Reuse cached calibration statistics.")
     encoding: Literal["s8s8", "u8s8", "mixed"] | None = Field(
         default=None,

@@ -167,7 +167,7 @@ def correct_biases(
     import onnx
 
     started = time.perf_counter()
-    inputs = spread_subset(inputs, max(MAX_SAMPLES, _batch_size(qdq_model)[0]))
+    inputs = spread_subset(inputs, max(MAX_SAMPLES, batch_size(qdq_model)[0]))
     float_model = onnx.load(str(float_path))
     targets, skipped = _targets(float_model, qdq_model, add_missing)
     report = BiasCorrectionReport(applied=False, reason=reason, skipped=skipped)
@@ -181,7 +181,7 @@ def correct_biases(
     fp_means = [_channel_mean(m) for m in measured[len(graph_outputs) :]]
     backup = onnx.ModelProto()
     backup.CopyFrom(qdq_model)
-    report.output_mse_before = _mse(_run_all(qdq_model, graph_outputs, inputs), reference)
+    report.output_mse_before = output_mse(_run_all(qdq_model, graph_outputs, inputs), reference)
     try:
         _correct_in_order(qdq_model, targets, fp_means, inputs)
     except _ort_errors() as exc:  # ORT cannot run a segment (e.g. control flow): keep the model
@@ -189,7 +189,7 @@ def correct_biases(
         report.reason += f"; not applied: a graph segment failed ({type(exc).__name__}: {exc})"
         report.seconds = time.perf_counter() - started
         return report
-    report.output_mse_after = _mse(_run_all(qdq_model, graph_outputs, inputs), reference)
+    report.output_mse_after = output_mse(_run_all(qdq_model, graph_outputs, inputs), reference)
     shifts = np.concatenate([t.total_shift for t in targets])
     report.layers_corrected = sum(bool(np.any(t.total_shift)) for t in targets)
     report.mean_abs_shift = float(np.mean(np.abs(shifts)))
@@ -218,7 +218,7 @@ def _correct_in_order(
         for name in node.input:
             last_use[name] = i
     first = model.graph.input[0].name
-    chunks = _chunks(model, inputs)
+    chunks = input_chunks(model, inputs)
     live: dict[str, list[np.ndarray]] = {first: chunks}
     start = 0
     for target, fp_mean in zip(targets, fp_means, strict=True):
@@ -290,7 +290,7 @@ def _segment(
     return _Segment(session, feeds)
 
 
-def _batch_size(model: Any) -> tuple[int, bool]:
+def batch_size(model: Any) -> tuple[int, bool]:
     """(batch size to run, whether the model fixes it)."""
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -298,9 +298,9 @@ def _batch_size(model: Any) -> tuple[int, bool]:
     return DYNAMIC_BATCH, False
 
 
-def _chunks(model: Any, inputs: np.ndarray) -> list[np.ndarray]:
+def input_chunks(model: Any, inputs: np.ndarray) -> list[np.ndarray]:
     """`inputs` in batches the model accepts (whole batches only for a fixed batch size)."""
-    batch, fixed = _batch_size(model)
+    batch, fixed = batch_size(model)
     stop = inputs.shape[0] - batch + 1 if fixed else inputs.shape[0]
     return [inputs[s : s + batch] for s in range(0, stop, batch)]
 
@@ -411,7 +411,7 @@ def run_reduced(
     )
     first = session.get_inputs()[0]
     parts: list[list[np.ndarray]] = [[] for _ in outputs]
-    for chunk in _chunks(model, inputs):
+    for chunk in input_chunks(model, inputs):
         values = session.run(outputs, {first.name: chunk})
         for part, value in zip(parts, values, strict=True):
             part.append(reduce(np.asarray(value)))
@@ -429,7 +429,7 @@ def _channel_mean(per_sample: np.ndarray) -> np.ndarray:
     return per_sample.mean(axis=0) if per_sample.ndim > 1 else per_sample
 
 
-def _mse(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+def output_mse(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
     """Mean squared error over every model output (per-sample, per-channel means)."""
     return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outputs, reference, strict=True)]))
 

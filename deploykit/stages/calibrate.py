@@ -45,8 +45,11 @@ than its input's (`qdqedit.regrid_pool_outputs`), as mixed does. The graph outpu
 float (see `qdqedit.float_outputs`). The statistics themselves are collected in
 `deploykit.stages.calibstats`.
 
-After Q/DQ insertion, optional bias correction (`deploykit.stages.biascorrect`)
-shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
+After Q/DQ insertion, optional GPTQ weight rounding (`deploykit.stages.rounding`)
+re-rounds the INT8 weights on their grids to cancel each layer's output error on the
+calibration inputs, and optional bias correction (`deploykit.stages.biascorrect`)
+then shifts Conv/Gemm biases so that per-channel output means match the FP32 model.
+Both are on by default for depthwise-heavy nets.
 """
 
 from __future__ import annotations
@@ -61,7 +64,15 @@ import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset
-from deploykit.stages import CALIBRATION_METHODS, calibcache, calibstats, overflow, ovqdq, qdqedit
+from deploykit.stages import (
+    CALIBRATION_METHODS,
+    calibcache,
+    calibstats,
+    overflow,
+    ovqdq,
+    qdqedit,
+    rounding,
+)
 from deploykit.stages.calibstats import CalibrationStats, PreparedGraph
 from deploykit.stages.onnxcheck import load_onnx, op_counts
 
@@ -138,6 +149,8 @@ class CalibrationOptions:
         overflow_fix: auto, on or off: bound the weight scales so that CPUs without
             VNNI cannot saturate their 16-bit INT8 sums (`deploykit.stages.overflow`);
             auto does it for u8s8/mixed on such a CPU.
+        weight_rounding: nearest (the quantizer's), gptq (`deploykit.stages.rounding`)
+            or auto (gptq where bias correction's depthwise rule turns it on).
     """
 
     method: str = "minmax"
@@ -149,6 +162,7 @@ class CalibrationOptions:
     nodes_to_exclude: tuple[str, ...] = ()
     exact_residuals: bool = False
     overflow_fix: str = "auto"
+    weight_rounding: str = "auto"
 
     def validate(self) -> None:
         """Raise UserError for unknown choices."""
@@ -169,6 +183,11 @@ class CalibrationOptions:
             raise UserError(
                 f"unknown overflow fix {self.overflow_fix!r}: choose {', '.join(overflow.MODES)}"
             )
+        if self.weight_rounding not in rounding.MODES:
+            raise UserError(
+                f"unknown weight rounding {self.weight_rounding!r}: choose "
+                f"{', '.join(rounding.MODES)}"
+            )
         if not 90.0 <= self.percentile < 100.0:
             raise UserError(f"--calib-percentile must be in [90, 100), got {self.percentile}")
         if isinstance(self.nodes_to_exclude, str) or not all(
@@ -187,6 +206,7 @@ class CalibrationReport:
         statistics_seconds: Time to collect the statistics (or read them from the cache).
         qdq_seconds: Time to write the Q/DQ model from the statistics.
         bias_correction: What bias correction did (see `BiasCorrectionReport`).
+        weight_rounding: What weight rounding did (see `RoundingReport`).
     """
 
     method: str
@@ -206,6 +226,7 @@ class CalibrationReport:
     bias_correction: dict[str, Any] = field(default_factory=dict)
     exact_residuals: bool = False
     overflow_fix: dict[str, Any] = field(default_factory=dict)
+    weight_rounding: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -250,6 +271,11 @@ def calibrate_onnx(
         counts = op_counts(model)
         if not counts.get("QuantizeLinear"):
             raise UserError(f"{fused.name} has no operator that ONNX Runtime can quantize")
+        mode, why = rounding.decide(options.weight_rounding, prep.model)
+        if mode == "gptq":
+            rounded = rounding.round_weights(prep.path, model, data.inputs, why)
+        else:
+            rounded = rounding.RoundingReport(mode=mode, applied=False, reason=why)
         enabled, reason = biascorrect.decide(options.bias_correction, prep.model)
         if enabled:
             bias = biascorrect.correct_biases(
@@ -276,6 +302,7 @@ def calibrate_onnx(
         bias_correction=bias.to_dict(),
         exact_residuals=options.exact_residuals,
         overflow_fix=fix.to_dict(),
+        weight_rounding=rounded.to_dict(),
     )
 
 
