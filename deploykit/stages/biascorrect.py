@@ -69,28 +69,23 @@ INT32 = np.iinfo(np.int32)
 
 
 @dataclass
-class BiasCorrectionReport:
-    """What bias correction did.
+class GuardedReport:
+    """What a guarded edit of a Q/DQ model did (bias correction, weight rounding).
 
     Attributes:
-        applied: Whether the corrected biases were kept.
-        reason: Why it ran or not (requested, or the auto rule with the depthwise share).
-        layers_corrected: Conv/Gemm layers whose bias was shifted.
+        applied: Whether the edit was kept.
+        reason: Why it ran or not (requested, or the auto rule).
         seconds: Wall time, ONNX Runtime runs included.
-        mean_abs_shift: Mean |shift| over the corrected output channels (activation units).
         output_mse_before: Mean squared error of the model outputs against FP32 on the
-            calibration inputs, before correction.
-        output_mse_after: The same after correction (before a revert).
-        reverted: The correction made the outputs worse on the calibration inputs and
-            was undone.
+            calibration inputs, before the edit.
+        output_mse_after: The same after the edit (before a revert).
+        reverted: The edit made the outputs worse on the calibration inputs and was undone.
         skipped: Quantized layers left alone, with the reason.
     """
 
     applied: bool
     reason: str
-    layers_corrected: int = 0
     seconds: float = 0.0
-    mean_abs_shift: float = 0.0
     output_mse_before: float = 0.0
     output_mse_after: float = 0.0
     reverted: bool = False
@@ -99,6 +94,19 @@ class BiasCorrectionReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return dict(self.__dict__)
+
+
+@dataclass
+class BiasCorrectionReport(GuardedReport):
+    """What bias correction did (see `GuardedReport` for the common fields).
+
+    Attributes:
+        layers_corrected: Conv/Gemm layers whose bias was shifted.
+        mean_abs_shift: Mean |shift| over the corrected output channels (activation units).
+    """
+
+    layers_corrected: int = 0
+    mean_abs_shift: float = 0.0
 
 
 @dataclass
@@ -313,25 +321,40 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
+def use_counts(model: Any) -> dict[str, int]:
+    """How many node inputs of `model` read each tensor."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def quantized_weights(qdq_model: Any) -> list[tuple[Any, Any]]:
+    """(node, weight DequantizeLinear) of every Conv/Gemm whose weight is quantized."""
+    producers = {out: n for n in qdq_model.graph.node for out in n.output}
+    found = []
+    for node in qdq_model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            found.append((node, dq))
+    return found
+
+
 def _targets(
     float_model: Any, qdq_model: Any, add_missing: bool = True
 ) -> tuple[list[_Target], dict[str, str]]:
     """Conv/Gemm nodes of `qdq_model` with a quantized weight, matched by name to FP32 nodes."""
     float_nodes = {n.name: n for n in float_model.graph.node if n.name}
-    producers = {out: n for n in qdq_model.graph.node for out in n.output}
     inits = {i.name: i for i in qdq_model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for n in qdq_model.graph.node:
-        for name in n.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    producers = {out: n for n in qdq_model.graph.node for out in n.output}
+    consumers = use_counts(qdq_model)
     targets: list[_Target] = []
     skipped: dict[str, str] = {}
-    for node in qdq_model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        weight_dq = producers.get(node.input[1])
-        if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
-            continue  # weight kept in float (excluded node): nothing was rounded
+    # A weight kept in float (excluded node) has no DequantizeLinear: nothing was rounded.
+    for node, weight_dq in quantized_weights(qdq_model):
         twin = float_nodes.get(node.name)
         bias = node.input[2] if len(node.input) > 2 else ""
         channels = _out_channels(node, weight_dq, inits)
@@ -391,12 +414,25 @@ def run_reduced(
 
     Tensors that are not graph outputs are exposed as extra outputs.
     """
+    session = exposing_session(model, outputs)
+    first = session.get_inputs()[0]
+    parts: list[list[np.ndarray]] = [[] for _ in outputs]
+    for chunk in input_chunks(model, inputs):
+        values = session.run(outputs, {first.name: chunk})
+        for part, value in zip(parts, values, strict=True):
+            part.append(reduce(np.asarray(value)))
+    return [np.concatenate(p) for p in parts]
+
+
+def exposing_session(model: Any, tensors: list[str]) -> Any:
+    """An ONNX Runtime CPU session of `model` that can also return `tensors` (each
+    intermediate tensor is added as a graph output)."""
     import onnx
     import onnxruntime as ort
 
     run_model = model
     present = {o.name for o in model.graph.output}
-    extra = [name for name in dict.fromkeys(outputs) if name not in present]
+    extra = [name for name in dict.fromkeys(tensors) if name not in present]
     if extra:
         run_model = onnx.ModelProto()
         run_model.CopyFrom(model)
@@ -406,16 +442,9 @@ def run_reduced(
             )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         run_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    first = session.get_inputs()[0]
-    parts: list[list[np.ndarray]] = [[] for _ in outputs]
-    for chunk in input_chunks(model, inputs):
-        values = session.run(outputs, {first.name: chunk})
-        for part, value in zip(parts, values, strict=True):
-            part.append(reduce(np.asarray(value)))
-    return [np.concatenate(p) for p in parts]
 
 
 def _reduce(value: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ weights.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,37 +69,19 @@ PASS_BYTES = 512 * 2**20
 
 
 @dataclass
-class RoundingReport:
-    """What weight rounding did.
+class RoundingReport(biascorrect.GuardedReport):
+    """What weight rounding did (see `biascorrect.GuardedReport` for the common fields;
+    ``output_mse_before`` is nearest rounding's, ``reverted`` means it was kept).
 
     Attributes:
         mode: ``nearest`` or ``gptq``.
-        applied: Whether GPTQ-rounded weights were kept.
-        reason: Why it ran or not (requested, or the auto rule).
         layers_rounded: Layers whose weights GPTQ rounded.
         codes_changed: Weight codes that differ from nearest rounding.
-        seconds: Wall time, ONNX Runtime runs included.
-        output_mse_before: Mean squared error of the model outputs against FP32 on the
-            calibration inputs with nearest rounding.
-        output_mse_after: The same with GPTQ rounding (before a revert).
-        reverted: GPTQ made the outputs worse on the calibration inputs and was undone.
-        skipped: Quantized layers left at nearest rounding, with the reason.
     """
 
-    mode: str
-    applied: bool
-    reason: str
+    mode: str = "gptq"
     layers_rounded: int = 0
     codes_changed: int = 0
-    seconds: float = 0.0
-    output_mse_before: float = 0.0
-    output_mse_after: float = 0.0
-    reverted: bool = False
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -278,18 +260,11 @@ def _layers(float_model: Any, qdq_model: Any) -> tuple[list[_Layer], dict[str, s
     float_nodes = {n.name: n for n in float_model.graph.node if n.name}
     float_inits = {i.name: i for i in float_model.graph.initializer}
     inits = {i.name: i for i in qdq_model.graph.initializer}
-    producers = {out: n for n in qdq_model.graph.node for out in n.output}
-    uses: dict[str, int] = {}
-    for n in qdq_model.graph.node:
-        for name in n.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = biascorrect.use_counts(qdq_model)
     layers: list[_Layer] = []
     skipped: dict[str, str] = {}
-    for node in qdq_model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+    for node, dq in biascorrect.quantized_weights(qdq_model):
+        if dq.input[0] not in inits:
             continue
         codes = inits[dq.input[0]]
         twin = float_nodes.get(node.name)
@@ -429,26 +404,12 @@ def _accumulate(
 ) -> list[np.ndarray]:
     """Each layer's ``sum x x^T`` over `inputs`, in one FP32 run that also returns the
     model's outputs (float32, concatenated)."""
-    import onnx
-    import onnxruntime as ort
     import torch
 
-    model = onnx.ModelProto()
-    model.CopyFrom(float_model)
-    present = {o.name for o in model.graph.output}
-    first = model.graph.input[0].name
-    wanted = list(dict.fromkeys(layer.source for layer in layers))
-    for name in wanted:
-        if name not in present and name != first:
-            model.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    fetch = list(dict.fromkeys(graph_outputs + [name for name in wanted if name != first]))
+    first = float_model.graph.input[0].name
+    wanted = [name for name in dict.fromkeys(layer.source for layer in layers) if name != first]
+    session = biascorrect.exposing_session(float_model, wanted)
+    fetch = list(dict.fromkeys(graph_outputs + wanted))
     outputs: list[list[np.ndarray]] = [[] for _ in graph_outputs]
     for layer in layers:
         groups, positions = layer.weight.shape[0], layer.positions
