@@ -294,7 +294,12 @@ def test_graph_structure_counts_a_depthwise_conv_split_into_per_channel_convs() 
 
 
 def _per_tensor_vs_per_channel(keep: Path, model: str) -> dict[str, float]:
-    """INT8 (u8s8) logits cosine against FP32 with per-channel and per-tensor weight scales."""
+    """INT8 (u8s8) logits cosine against FP32 with per-channel and per-tensor weight scales.
+
+    The scales alone: no bias correction, and nearest rounding (GPTQ compensates much of
+    what per-tensor scales cost: on random-weight mobilenet_v2_small it lifted per-tensor
+    to 0.8625 against per-channel's 0.8574).
+    """
     from deploykit.harness.fidelity import compare_outputs
     from deploykit.models.loaders import resolve
     from deploykit.stages.calibrate import CalibrationOptions, calibrate_onnx
@@ -315,7 +320,12 @@ def _per_tensor_vs_per_channel(keep: Path, model: str) -> dict[str, float]:
             fused,
             path,
             data,
-            CalibrationOptions(encoding="u8s8", per_channel=per_channel, bias_correction=False),
+            CalibrationOptions(
+                encoding="u8s8",
+                per_channel=per_channel,
+                bias_correction=False,
+                weight_rounding="nearest",
+            ),
         )
         run = OrtSession(path).run
         out = np.concatenate([run(inputs[i : i + 1]) for i in range(len(inputs))])
