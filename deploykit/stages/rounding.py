@@ -147,7 +147,9 @@ def round_weights(
         return report
     graph_outputs = [o.name for o in float_model.graph.output]
     reference = _second_moments(float_path, float_model, layers, inputs, graph_outputs)
-    report.output_mse_before = _mse(_outputs(qdq_model, graph_outputs, inputs), reference)
+    report.output_mse_before = biascorrect.output_mse(
+        _outputs(qdq_model, graph_outputs, inputs), reference
+    )
     backup = {id(layer.codes): _copy(layer.codes) for layer in layers}
     for layer in layers:
         if layer.vectors < MIN_VECTORS_PER_DIM * layer.positions:
@@ -158,7 +160,9 @@ def round_weights(
             continue
         report.codes_changed += _round_layer(layer)
         report.layers_rounded += 1
-    report.output_mse_after = _mse(_outputs(qdq_model, graph_outputs, inputs), reference)
+    report.output_mse_after = biascorrect.output_mse(
+        _outputs(qdq_model, graph_outputs, inputs), reference
+    )
     if report.output_mse_after > report.output_mse_before:
         for layer in layers:
             layer.codes.CopyFrom(backup[id(layer.codes)])
@@ -451,10 +455,6 @@ def _vectors(x: np.ndarray, layer: _Layer) -> Any:
 
 def _outputs(model: Any, outputs: list[str], inputs: np.ndarray) -> list[np.ndarray]:
     return biascorrect.run_reduced(model, outputs, inputs, lambda v: v.astype(np.float32))
-
-
-def _mse(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    return biascorrect.output_mse(outputs, reference)
 
 
 def _copy(tensor: Any) -> Any:
