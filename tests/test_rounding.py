@@ -138,6 +138,30 @@ def test_the_guard_keeps_nearest_rounding_where_gptq_does_not_help(tmp_path: Pat
     assert all(np.array_equal(nearest[n], kept[n]) for n in nearest)
 
 
+def test_a_net_with_too_few_inputs_per_layer_keeps_nearest_without_running_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No layer is determined: nothing is rounded, so the guard has nothing to measure."""
+    net = _dw_net(tmp_path / "net.onnx", outlier=8.0)
+    monkeypatch.setattr(rounding, "MIN_VECTORS_PER_DIM", 10**9)
+
+    def no_run(*args: object) -> None:
+        raise AssertionError("the Q/DQ model ran with nothing rounded")
+
+    monkeypatch.setattr(rounding, "_outputs", no_run)
+    files, reports = {}, {}
+    for mode in ("nearest", "gptq"):
+        files[mode] = tmp_path / f"{mode}.onnx"
+        options = CalibrationOptions(encoding="s8s8", weight_rounding=mode, bias_correction=False)
+        reports[mode] = calibrate_onnx(net, files[mode], _data(), options).weight_rounding
+    report = reports["gptq"]
+    assert not report["applied"] and not report["reverted"] and report["layers_rounded"] == 0
+    assert report["reason"].endswith("no layer has enough calibration inputs to round")
+    assert len(report["skipped"]) == 6
+    nearest, kept = _weight_codes(files["nearest"]), _weight_codes(files["gptq"])
+    assert all(np.array_equal(nearest[n], kept[n]) for n in nearest)
+
+
 def test_the_rounding_does_not_depend_on_the_encoding(tmp_path: Path) -> None:
     """Calibrate once: H comes from the FP32 model, so every encoding gets the same codes.
 

@@ -139,13 +139,21 @@ def decide(option: bool | None, float_model: Any) -> tuple[bool, str]:
     """Whether to correct biases, and why (`option` None applies the depthwise rule)."""
     if option is not None:
         return option, "on (requested)" if option else "off (requested)"
+    enabled, why = depthwise_rule(float_model)
+    return enabled, f"auto {'on' if enabled else 'off'}: {why}"
+
+
+def depthwise_rule(float_model: Any) -> tuple[bool, str]:
+    """Whether `float_model` is depthwise-heavy (DEPTHWISE_SHARE of its Convs), and the count.
+
+    The rule behind ``auto`` for bias correction and for GPTQ weight rounding.
+    """
     depthwise, convs = depthwise_share(float_model)
     share = depthwise / convs if convs else 0.0
-    verdict = "on" if convs and share >= DEPTHWISE_SHARE else "off"
-    sign = ">=" if verdict == "on" else "<"
-    return verdict == "on", (
-        f"auto {verdict}: {depthwise} of {convs} Conv nodes depthwise "
-        f"({share:.0%} {sign} {DEPTHWISE_SHARE:.0%})"
+    heavy = bool(convs) and share >= DEPTHWISE_SHARE
+    sign = ">=" if heavy else "<"
+    return heavy, (
+        f"{depthwise} of {convs} Conv nodes depthwise ({share:.0%} {sign} {DEPTHWISE_SHARE:.0%})"
     )
 
 

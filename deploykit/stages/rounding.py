@@ -113,10 +113,9 @@ def decide(option: str | None, float_model: Any) -> tuple[str, str]:
     """The rounding mode and why: ``auto``/None applies bias correction's depthwise rule."""
     if option in ("nearest", "gptq"):
         return option, f"{option} (requested)"
-    enabled, reason = biascorrect.decide(None, float_model)
-    return ("gptq" if enabled else "nearest"), reason.replace("auto on", "auto gptq").replace(
-        "auto off", "auto nearest"
-    )
+    heavy, why = biascorrect.depthwise_rule(float_model)
+    mode = "gptq" if heavy else "nearest"
+    return mode, f"auto {mode}: {why}"
 
 
 def round_weights(
@@ -147,24 +146,31 @@ def round_weights(
         return report
     graph_outputs = [o.name for o in float_model.graph.output]
     reference = _second_moments(float_path, float_model, layers, inputs, graph_outputs)
-    report.output_mse_before = biascorrect.output_mse(
-        _outputs(qdq_model, graph_outputs, inputs), reference
-    )
-    backup = {id(layer.codes): _copy(layer.codes) for layer in layers}
+    determined = []
     for layer in layers:
         if layer.vectors < MIN_VECTORS_PER_DIM * layer.positions:
             report.skipped[layer.node] = (
                 f"{layer.vectors} input vectors for {layer.positions} weight positions "
                 f"(fewer than {MIN_VECTORS_PER_DIM} per position)"
             )
-            continue
+        else:
+            determined.append(layer)
+    if not determined:
+        report.reason += "; no layer has enough calibration inputs to round"
+        report.seconds = time.perf_counter() - started
+        return report
+    report.output_mse_before = biascorrect.output_mse(
+        _outputs(qdq_model, graph_outputs, inputs), reference
+    )
+    backup = {id(layer.codes): _copy(layer.codes) for layer in determined}
+    for layer in determined:
         report.codes_changed += _round_layer(layer)
         report.layers_rounded += 1
     report.output_mse_after = biascorrect.output_mse(
         _outputs(qdq_model, graph_outputs, inputs), reference
     )
     if report.output_mse_after > report.output_mse_before:
-        for layer in layers:
+        for layer in determined:
             layer.codes.CopyFrom(backup[id(layer.codes)])
         report.reverted = True
     report.applied = report.layers_rounded > 0 and not report.reverted
