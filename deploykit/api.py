@@ -21,13 +21,14 @@ from deploykit.pipeline.evaluate import evaluate
 from deploykit.pipeline.export import export
 from deploykit.pipeline.int8 import calibrate
 from deploykit.pipeline.request import ExportRequest, ExportResult, Step, quiet
-from deploykit.regress.run import bench, regress
+from deploykit.regress.run import bench, bench_several, regress
 
 __all__ = [
     "ExportRequest",
     "ExportResult",
     "Step",
     "bench",
+    "bench_several",
     "calibrate",
     "default_precision",
     "evaluate",

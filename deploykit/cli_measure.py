@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -16,7 +17,7 @@ from deploykit.cli_common import parse_size
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--runs", type=int, default=100, show_default=True, help="Minimum timed runs.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Warm-up runs.")
 @click.option("--min-seconds", type=float, default=2.0, show_default=True, help="Minimum timing.")
@@ -31,7 +32,7 @@ from deploykit.cli_common import parse_size
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(
-    run_dir: str,
+    run_dirs: tuple[str, ...],
     runs: int,
     warmup: int,
     min_seconds: float,
@@ -42,14 +43,21 @@ def bench(
 ) -> None:
     """Measure the latency of a run folder's compiled artifact again.
 
-    `--json` output can be given to `deploykit regress --current`.
+    `--json` output can be given to `deploykit regress --current`. With several run
+    folders, they are measured in one process, in interleaved rounds, each as a ratio to
+    the first (e.g. a fallback model against plain INT8, or INT8 against FP32 and bf16).
     """
     from deploykit import api
-    from deploykit.harness.display import render_bench
+    from deploykit.harness.display import render_bench, render_bench_several
 
-    with _console(stderr=True).status(f"benchmarking {run_dir}") as status:
-        result = api.bench(
-            run_dir,
+    def measure(folders: Any, **options: Any) -> dict[str, Any]:
+        if len(folders) == 1:
+            return api.bench(folders[0], **options)
+        return api.bench_several(list(folders), **options)
+
+    with _console(stderr=True).status(f"benchmarking {', '.join(run_dirs)}") as status:
+        result = measure(
+            run_dirs,
             runs=runs,
             warmup=warmup,
             min_seconds=min_seconds,
@@ -60,8 +68,10 @@ def bench(
         )
     if as_json:
         click.echo(json.dumps(result, indent=2))
-    else:
+    elif len(run_dirs) == 1:
         render_bench(_console(), result)
+    else:
+        render_bench_several(_console(), result)
 
 
 @click.command()

@@ -363,3 +363,51 @@ def test_stored_artifacts_are_paired_and_a_changed_one_is_not(
     verdict = changed["verdicts"][0]
     assert not verdict["paired"]
     assert any("changed since the baseline" in note for note in verdict["notes"])
+
+
+@pytest.mark.onnxruntime
+def test_bench_of_several_folders_gives_each_a_ratio_to_the_first(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+    import time
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)
+    delay_s = json.loads((run_dir / "report.json").read_text())["latency"]["p50_ms"] / 1e3
+
+    def slow_second(key: str, call: Any) -> Any:
+        if not key.startswith("2:"):
+            return call
+
+        def slowed() -> None:
+            call()
+            end = time.perf_counter() + delay_s  # the export's p50 again: about 2x
+            while time.perf_counter() < end:
+                pass
+
+        return slowed
+
+    result = api.bench_several(
+        [run_dir, twin], runs=30, min_seconds=0.6, rounds=3, warmup=3, wrap=slow_second
+    )
+    first, second = result["entries"]
+    print(f"ratios {first['ratio']:.3f} {second['ratio']:.3f} range {second['ratio_range']}")
+    assert result["kind"] == "bench-compare" and result["rounds"] == 3
+    assert first["ratio"] == 1.0 and first["run_dir"] == str(run_dir)
+    assert len(second["round_p50s_ms"]) == 3 and second["runs"] >= 30
+    # The export measured its p50 under other load: the added time is only about one p50.
+    assert 1.4 < second["ratio"] < 6.0, second
+    assert second["ratio_range"][0] > 1.2  # every round saw it, not only the median
+
+    runner = CliRunner()
+    shown = runner.invoke(
+        main,
+        ["bench", str(run_dir), str(twin), "--runs", "6", "--min-seconds", "0.1", "--rounds", "3"],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "x first" in shown.stdout and "1.00x" in shown.stdout
+    with pytest.raises(UserError, match="two or more run folders"):
+        api.bench_several([run_dir])
+    with pytest.raises(UserError, match="rounds of at least 3"):
+        api.bench_several([run_dir, twin], rounds=2)

@@ -202,6 +202,34 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
     console.print(table)
 
 
+def render_bench_several(console: Console, result: dict[str, Any]) -> None:
+    """Side-by-side latency of several run folders, as ratios to the first."""
+    first = result["entries"][0]
+    table = Table(
+        title=f"{len(result['entries'])} run folders · batch {first['batch']} · "
+        f"{first['threads']} threads · {result['rounds']} interleaved rounds · "
+        f"{result['device']['name']}",
+        title_justify="left",
+    )
+    for col in ("run folder", "model", "target"):
+        table.add_column(col)
+    for col in ("runs in", "p50 ms", "fastest round ms"):
+        table.add_column(col, justify="right")
+    table.add_column("x first (rounds' range)", justify="right")
+    for i, entry in enumerate(result["entries"]):
+        low, high = entry["ratio_range"]
+        table.add_row(
+            f"{i + 1}: {entry['run_dir']}",
+            entry["model"],
+            entry["target"],
+            entry["effective_precision"] or entry["precision"],
+            f"{entry['p50_ms']:.3f}",
+            f"{entry['fastest_round_p50_ms']:.3f}",
+            f"{entry['ratio']:.2f}x ({low:.2f}-{high:.2f})",
+        )
+    console.print(table)
+
+
 def render_models(console: Console, rows: list[dict[str, Any]]) -> None:
     """Catalogue table."""
     table = Table(title=f"{len(rows)} models (emphasis families first)", title_justify="left")

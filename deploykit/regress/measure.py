@@ -93,6 +93,7 @@ def measure_run_dirs(
     on_step: Step = lambda _: None,
     wrap: Wrap | None = None,
     pair_with: Callable[[str], Path | None] | None = None,
+    labels: list[str] | None = None,
 ) -> Measurements:
     """Measure each run folder's compiled artifact in interleaved rounds.
 
@@ -103,6 +104,11 @@ def measure_run_dirs(
         wrap: Wraps each timed call of the run folders (not of paired baselines).
         pair_with: Entry key -> a baseline run folder to re-measure in the same rounds
             (A/B interleaving), or None.
+        labels: One key per run folder instead of its baseline entry key (two variants
+            of one model, target and precision can then be measured side by side).
+            Labelled folders are compared with each other, not with a baseline: no
+            reference workload is timed, and every other round takes them in reverse
+            order so that no folder always runs after the same one.
 
     Returns:
         A measurement set (the baseline format), one entry per run folder, and in
@@ -115,8 +121,20 @@ def measure_run_dirs(
     options.validate()
     if not run_dirs:
         raise UserError("no run folders given")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError("one label per run folder")
     with ExitStack() as stack:
-        candidates = [_open(Path(d), options, stack, wrap) for d in run_dirs]
+        candidates = [
+            _open(
+                Path(d),
+                options,
+                stack,
+                wrap,
+                reference=labels is None,
+                key=labels[i] if labels is not None else None,
+            )
+            for i, d in enumerate(run_dirs)
+        ]
         keys = [c.key for c in candidates]
         if len(set(keys)) != len(keys):
             raise UserError(f"two run folders describe the same entry: {', '.join(keys)}")
@@ -148,7 +166,8 @@ def measure_run_dirs(
             max_seconds=max(15.0, options.min_seconds),
         )
         for index in range(options.rounds):
-            order = [c for g in groups for c in (g if index % 2 == 0 else g[::-1])]
+            turn = groups if labels is None or index % 2 == 0 else groups[::-1]
+            order = [c for g in turn for c in (g if index % 2 == 0 else g[::-1])]
             for cand in order:
                 on_step(f"round {index + 1}/{options.rounds}: {cand.key}")
                 if index and options.fresh_runner:
@@ -206,6 +225,7 @@ def _open(
     stack: ExitStack,
     wrap: Wrap | None,
     reference: bool = True,
+    key: str | None = None,
 ) -> _Candidate:
     report = load_report(folder)
     backend = require_backend(report.target)
@@ -215,7 +235,7 @@ def _open(
         if "INFERENCE_NUM_THREADS" in artifact.settings:
             artifact.settings["INFERENCE_NUM_THREADS"] = options.threads
     batch = options.batch or int(report.input.get("batch", 1))
-    key = entry_key(report.model, report.target, report.precision, batch)
+    key = key or entry_key(report.model, report.target, report.precision, batch)
     runner = backend.runner(artifact)
     runner.activate()
     stack.callback(runner.deactivate)

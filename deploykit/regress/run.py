@@ -15,6 +15,7 @@ from deploykit.harness.environment import cpu_info, versions
 from deploykit.harness.report import load_report
 from deploykit.pipeline.records import gpu_device
 from deploykit.pipeline.request import Step, quiet
+from deploykit.regress.baseline import median
 
 
 def bench(
@@ -79,6 +80,92 @@ def bench(
         "reference_workload": measured.reference_workload,
         "entry": entry.model_dump(mode="json"),
     }
+
+
+def bench_several(
+    run_dirs: list[str | Path],
+    runs: int = 100,
+    warmup: int = 10,
+    min_seconds: float = 2.0,
+    threads: int | None = None,
+    batch: int | None = None,
+    rounds: int = 5,
+    on_step: Step = quiet,
+    wrap: Any = None,
+) -> dict[str, Any]:
+    """Measure several run folders in one process, in interleaved rounds, each against the first.
+
+    For the question "how much does this variant cost": a fallback model against the
+    plain INT8 one, INT8 against FP32 or bf16 of the same model. Each round times every
+    folder in turn (in reverse order every other round), so a load that comes and goes
+    hits them alike; a folder's ratio is the median over the rounds of its p50 over the
+    first folder's p50 in the same round.
+
+    Args:
+        run_dirs: Two or more run folders; the first is the base of the ratios.
+        wrap: Wraps each timed call by label (tests inject delays with it).
+
+    Returns:
+        A dict with device, versions, rounds and one entry per folder (latency,
+        per-round p50s, ratio to the first and the range of the per-round ratios).
+
+    Raises:
+        UserError: Fewer than two folders, or bad counts.
+    """
+    from deploykit.regress.measure import MeasureOptions, measure_run_dirs
+
+    if len(run_dirs) < 2:
+        raise UserError("give two or more run folders to compare (one: deploykit bench RUN_DIR)")
+    if rounds < 3 or runs < 1:
+        raise UserError("comparing run folders needs --rounds of at least 3 and --runs of 1")
+    folders = [Path(d) for d in run_dirs]
+    labels = [f"{i + 1}: {d}" for i, d in enumerate(run_dirs)]
+    options = MeasureOptions(
+        rounds=rounds,
+        runs=-(-runs // rounds),
+        min_seconds=min_seconds / rounds,
+        warmup=warmup,
+        threads=threads,
+        batch=batch,
+    )
+    measured = measure_run_dirs(folders, options, on_step=on_step, wrap=wrap, labels=labels)
+    base = measured.entries[labels[0]].latency.round_p50s_ms
+    entries = []
+    for label, folder in zip(labels, folders, strict=True):
+        entry = measured.entries[label]
+        report = load_report(folder)
+        ratios = [a / b for a, b in zip(entry.latency.round_p50s_ms, base, strict=True)]
+        entries.append(
+            {
+                "run_dir": str(folder),
+                "model": entry.model,
+                "target": entry.target,
+                "precision": entry.precision,
+                "effective_precision": report.effective_precision,
+                "batch": entry.batch,
+                "threads": entry.threads,
+                "p50_ms": entry.latency.p50_ms,
+                "p90_ms": entry.latency.p90_ms,
+                "fastest_round_p50_ms": min(entry.latency.round_p50s_ms),
+                "runs": entry.latency.runs,
+                "round_p50s_ms": entry.latency.round_p50s_ms,
+                "ratio": median(ratios),
+                "ratio_range": [min(ratios), max(ratios)],
+            }
+        )
+    return {
+        "schema_version": 1,
+        "kind": "bench-compare",
+        "device": cpu_info() if _on_cpu(folders[0]) else gpu_device("cuda"),
+        "versions": versions(),
+        "created": measured.created,
+        "rounds": rounds,
+        "entries": entries,
+    }
+
+
+def _on_cpu(folder: Path) -> bool:
+    return load_report(folder).device.get("kind", "cpu") == "cpu"
 
 
 def regress(
