@@ -206,28 +206,30 @@ def render_bench_several(console: Console, result: dict[str, Any]) -> None:
     """Side-by-side latency of several run folders, as ratios to the first."""
     first = result["entries"][0]
     table = Table(
-        title=f"{len(result['entries'])} run folders · batch {first['batch']} · "
-        f"{first['threads']} threads · {result['rounds']} interleaved rounds · "
-        f"{result['device']['name']}",
+        title=f"{first['model']} · batch {first['batch']} · {first['threads']} threads · "
+        f"{result['rounds']} interleaved rounds · {result['device']['name']}",
         title_justify="left",
     )
-    for col in ("run folder", "model", "target"):
-        table.add_column(col)
-    for col in ("runs in", "p50 ms", "fastest round ms"):
+    table.add_column("#", justify="right")
+    table.add_column("target")
+    for col in ("runs in", "p50 ms", "fastest round ms", "x first", "rounds' range"):
         table.add_column(col, justify="right")
-    table.add_column("x first (rounds' range)", justify="right")
     for i, entry in enumerate(result["entries"]):
         low, high = entry["ratio_range"]
         table.add_row(
-            f"{i + 1}: {entry['run_dir']}",
-            entry["model"],
-            entry["target"],
+            str(i + 1),
+            entry["target"]
+            if entry["model"] == first["model"]
+            else f"{entry['model']} {entry['target']}",
             entry["effective_precision"] or entry["precision"],
             f"{entry['p50_ms']:.3f}",
             f"{entry['fastest_round_p50_ms']:.3f}",
-            f"{entry['ratio']:.2f}x ({low:.2f}-{high:.2f})",
+            f"{entry['ratio']:.2f}x",
+            f"{low:.2f}-{high:.2f}",
         )
     console.print(table)
+    for i, entry in enumerate(result["entries"]):
+        console.print(f"{i + 1}: {entry['run_dir']}", highlight=False, soft_wrap=True)
 
 
 def render_models(console: Console, rows: list[dict[str, Any]]) -> None:
