@@ -181,6 +181,7 @@ def _write(path: Path, data: Any) -> Path:
         ({"kind": "something-else", "schema_version": 1}, "kind 'something-else'"),
         ({"kind": "deploykit-measurements", "schema_version": 1, "entries": {}}, "not valid at"),
         ({"kind": "bench", "schema_version": 1}, "without round data"),
+        ({"kind": "bench-compare", "schema_version": 1}, "compares several run folders"),
     ],
 )
 def test_bad_baselines_exit_2_with_one_line(content: Any, message: str, tmp_path: Path) -> None:

@@ -111,6 +111,11 @@ def load_measurements(path: Path, what: str = "baseline") -> Measurements:
         raise UserError(f"{what} {path} is not a deploykit measurement file; re-record it")
     if data.get("kind") == "bench":
         return from_bench(data, path)
+    if data.get("kind") == "bench-compare":
+        raise UserError(
+            f"{what} {path} compares several run folders; measure one folder per file "
+            "(`deploykit bench RUN_DIR --json`) or pass the folders with --run"
+        )
     version = data.get("schema_version")
     if data.get("kind") != KIND or version != SCHEMA_VERSION:
         raise UserError(
