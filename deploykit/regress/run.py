@@ -36,20 +36,13 @@ def bench(
     Returns:
         A dict with model, target, precision, device, versions, latency and the round data.
     """
-    from deploykit.regress.measure import MeasureOptions, measure_run_dirs
+    from deploykit.regress.measure import measure_run_dirs
 
     if rounds < 1 or runs < 1:
         raise UserError("--rounds and --runs must be at least 1")
     folder = Path(run_dir)
     report = load_report(folder)
-    options = MeasureOptions(
-        rounds=rounds,
-        runs=-(-runs // rounds),
-        min_seconds=min_seconds / rounds,
-        warmup=warmup,
-        threads=threads,
-        batch=batch,
-    )
+    options = _spread(runs, warmup, min_seconds, threads, batch, rounds)
     measured = measure_run_dirs([folder], options, on_step=on_step)
     entry = next(iter(measured.entries.values()))
     lat = entry.latency
@@ -112,7 +105,7 @@ def bench_several(
     Raises:
         UserError: Fewer than two folders, or bad counts.
     """
-    from deploykit.regress.measure import MeasureOptions, measure_run_dirs
+    from deploykit.regress.measure import measure_run_dirs
 
     if len(run_dirs) < 2:
         raise UserError("give two or more run folders to compare (one: deploykit bench RUN_DIR)")
@@ -120,14 +113,7 @@ def bench_several(
         raise UserError("comparing run folders needs --rounds of at least 3 and --runs of 1")
     folders = [Path(d) for d in run_dirs]
     labels = [f"{i + 1}: {d}" for i, d in enumerate(run_dirs)]
-    options = MeasureOptions(
-        rounds=rounds,
-        runs=-(-runs // rounds),
-        min_seconds=min_seconds / rounds,
-        warmup=warmup,
-        threads=threads,
-        batch=batch,
-    )
+    options = _spread(runs, warmup, min_seconds, threads, batch, rounds)
     measured = measure_run_dirs(folders, options, on_step=on_step, wrap=wrap, labels=labels)
     base = measured.entries[labels[0]].latency.round_p50s_ms
     entries = []
@@ -162,6 +148,22 @@ def bench_several(
         "rounds": rounds,
         "entries": entries,
     }
+
+
+def _spread(
+    runs: int, warmup: int, min_seconds: float, threads: int | None, batch: int | None, rounds: int
+) -> Any:
+    """`bench`'s totals (runs, seconds) spread evenly over `rounds` rounds."""
+    from deploykit.regress.measure import MeasureOptions
+
+    return MeasureOptions(
+        rounds=rounds,
+        runs=-(-runs // rounds),
+        min_seconds=min_seconds / rounds,
+        warmup=warmup,
+        threads=threads,
+        batch=batch,
+    )
 
 
 def _on_cpu(folder: Path) -> bool:
