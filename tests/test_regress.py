@@ -412,3 +412,8 @@ def test_bench_of_several_folders_gives_each_a_ratio_to_the_first(
         api.bench_several([run_dir])
     with pytest.raises(UserError, match="rounds of at least 3"):
         api.bench_several([run_dir, twin], rounds=2)
+    report = json.loads((twin / "report.json").read_text())
+    report["input"]["batch"] = 4
+    (twin / "report.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match=r"different batches \(1, 4\)"):
+        api.bench_several([run_dir, twin])

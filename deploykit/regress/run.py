@@ -113,13 +113,19 @@ def bench_several(
         raise UserError("comparing run folders needs --rounds of at least 3 and --runs of 1")
     folders = [Path(d) for d in run_dirs]
     labels = [f"{i + 1}: {d}" for i, d in enumerate(run_dirs)]
+    reports = [load_report(folder) for folder in folders]
+    batches = sorted({batch or int(r.input.get("batch", 1)) for r in reports})
+    if len(batches) > 1:
+        raise UserError(
+            f"the run folders run different batches ({', '.join(map(str, batches))}); "
+            "compare folders of one batch, or give --batch for dynamic-batch ones"
+        )
     options = _spread(runs, warmup, min_seconds, threads, batch, rounds)
     measured = measure_run_dirs(folders, options, on_step=on_step, wrap=wrap, labels=labels)
     base = measured.entries[labels[0]].latency.round_p50s_ms
     entries = []
-    for label, folder in zip(labels, folders, strict=True):
+    for label, folder, report in zip(labels, folders, reports, strict=True):
         entry = measured.entries[label]
-        report = load_report(folder)
         ratios = [a / b for a, b in zip(entry.latency.round_p50s_ms, base, strict=True)]
         entries.append(
             {
@@ -142,7 +148,9 @@ def bench_several(
     return {
         "schema_version": 1,
         "kind": "bench-compare",
-        "device": cpu_info() if _on_cpu(folders[0]) else gpu_device("cuda"),
+        "device": cpu_info()
+        if reports[0].device.get("kind", "cpu") == "cpu"
+        else gpu_device("cuda"),
         "versions": versions(),
         "created": measured.created,
         "rounds": rounds,
@@ -164,10 +172,6 @@ def _spread(
         threads=threads,
         batch=batch,
     )
-
-
-def _on_cpu(folder: Path) -> bool:
-    return load_report(folder).device.get("kind", "cpu") == "cpu"
 
 
 def regress(
