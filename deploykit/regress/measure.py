@@ -219,6 +219,11 @@ def environment() -> dict[str, object]:
     return {"cpu": cpu_info(), "versions": versions()}
 
 
+def run_batch(report: Report, override: int | None = None) -> int:
+    """The batch a run folder's artifact is timed at: `override` (dynamic batch) or its own."""
+    return override or int(report.input.get("batch", 1))
+
+
 def _open(
     folder: Path,
     options: MeasureOptions,
@@ -234,7 +239,7 @@ def _open(
         artifact.threads = options.threads
         if "INFERENCE_NUM_THREADS" in artifact.settings:
             artifact.settings["INFERENCE_NUM_THREADS"] = options.threads
-    batch = options.batch or int(report.input.get("batch", 1))
+    batch = run_batch(report, options.batch)
     key = key or entry_key(report.model, report.target, report.precision, batch)
     runner = backend.runner(artifact)
     runner.activate()

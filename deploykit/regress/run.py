@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deploykit.errors import UserError
 from deploykit.fsutil import staged_dir
@@ -16,6 +16,10 @@ from deploykit.harness.report import load_report
 from deploykit.pipeline.records import gpu_device
 from deploykit.pipeline.request import Step, quiet
 from deploykit.regress.baseline import median
+
+if TYPE_CHECKING:
+    from deploykit.harness.report import Report
+    from deploykit.regress.measure import MeasureOptions
 
 
 def bench(
@@ -54,7 +58,7 @@ def bench(
         "target": report.target,
         "precision": report.precision,
         "effective_precision": report.effective_precision,
-        "device": cpu_info() if report.device.get("kind", "cpu") == "cpu" else gpu_device("cuda"),
+        "device": _device(report),
         "versions": versions(),
         "latency": {
             "p50_ms": lat.p50_ms,
@@ -105,7 +109,7 @@ def bench_several(
     Raises:
         UserError: Fewer than two folders, or bad counts.
     """
-    from deploykit.regress.measure import measure_run_dirs
+    from deploykit.regress.measure import measure_run_dirs, run_batch
 
     if len(run_dirs) < 2:
         raise UserError("give two or more run folders to compare (one: deploykit bench RUN_DIR)")
@@ -114,7 +118,7 @@ def bench_several(
     folders = [Path(d) for d in run_dirs]
     labels = [f"{i + 1}: {d}" for i, d in enumerate(run_dirs)]
     reports = [load_report(folder) for folder in folders]
-    batches = sorted({batch or int(r.input.get("batch", 1)) for r in reports})
+    batches = sorted({run_batch(r, batch) for r in reports})
     if len(batches) > 1:
         raise UserError(
             f"the run folders run different batches ({', '.join(map(str, batches))}); "
@@ -148,9 +152,7 @@ def bench_several(
     return {
         "schema_version": 1,
         "kind": "bench-compare",
-        "device": cpu_info()
-        if reports[0].device.get("kind", "cpu") == "cpu"
-        else gpu_device("cuda"),
+        "device": _device(reports[0]),
         "versions": versions(),
         "created": measured.created,
         "rounds": rounds,
@@ -158,9 +160,14 @@ def bench_several(
     }
 
 
+def _device(report: Report) -> dict[str, Any]:
+    """What a run folder's artifact is measured on here: this CPU, or the CUDA GPU."""
+    return cpu_info() if report.device.get("kind", "cpu") == "cpu" else gpu_device("cuda")
+
+
 def _spread(
     runs: int, warmup: int, min_seconds: float, threads: int | None, batch: int | None, rounds: int
-) -> Any:
+) -> MeasureOptions:
     """`bench`'s totals (runs, seconds) spread evenly over `rounds` rounds."""
     from deploykit.regress.measure import MeasureOptions
 

@@ -163,9 +163,8 @@ def round_weights(
         _outputs(qdq_model, graph_outputs, inputs), reference
     )
     backup = {id(layer.codes): _copy(layer.codes) for layer in determined}
-    for layer in determined:
-        report.codes_changed += _round_layer(layer)
-        report.layers_rounded += 1
+    report.codes_changed = sum(_round_layer(layer) for layer in determined)
+    report.layers_rounded = len(determined)
     report.output_mse_after = biascorrect.output_mse(
         _outputs(qdq_model, graph_outputs, inputs), reference
     )
@@ -173,7 +172,7 @@ def round_weights(
         for layer in determined:
             layer.codes.CopyFrom(backup[id(layer.codes)])
         report.reverted = True
-    report.applied = report.layers_rounded > 0 and not report.reverted
+    report.applied = not report.reverted
     report.seconds = time.perf_counter() - started
     return report
 
