@@ -6,6 +6,13 @@
 Each configuration is a full `deploykit export` (export, fuse, calibrate on the
 model's own calibration set, compile, evaluate on its own evaluation sets) with
 the fallback off, so the table shows what plain INT8 does.
+
+    .venv/bin/python scripts/accuracy_matrix.py --models efficientnet_lite0 --cross-backend
+
+`--cross-backend` also scores the two backends against each other: for each INT8
+configuration, OpenVINO's run against ONNX Runtime's (`deploykit eval RUN --data SET
+--against OTHER_RUN`) on every evaluation set, both built from one calibration.
+`--exact-residuals` writes OpenVINO's file with that option.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ def _run(
     per_channel: bool,
     out: str,
     quantizer: str = "deploykit",
-) -> Any:
+    exact_residuals: bool = False,
+) -> tuple[Any, Path]:
     request = api.ExportRequest(
         model=model,
         target=target,
@@ -40,6 +48,7 @@ def _run(
         quantizer=quantizer,
         calib_method=method,
         per_channel=per_channel,
+        exact_residuals=exact_residuals,
         out=out,
         runs=20,
         warmup=2,
@@ -49,10 +58,12 @@ def _run(
         max_accuracy_drop=100.0,
     )
     try:
-        return api.export(request).report
+        result = api.export(request)
+        return result.report, result.run_dir
     except GateError as exc:
         assert exc.run_dir is not None
-        return api.load_report(exc.run_dir)
+        run_dir = Path(str(exc.run_dir))
+        return api.load_report(run_dir), run_dir
 
 
 def main() -> int:
@@ -70,6 +81,14 @@ def main() -> int:
         help="INT8 quantizer: deploykit, or the backend's own (nncf for openvino)",
     )
     parser.add_argument("--no-fp32", action="store_true", help="skip the FP32 rows")
+    parser.add_argument(
+        "--cross-backend",
+        action="store_true",
+        help="also score OpenVINO's INT8 run against ONNX Runtime's (needs both targets)",
+    )
+    parser.add_argument(
+        "--exact-residuals", action="store_true", help="OpenVINO's file with --exact-residuals"
+    )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument(
@@ -78,14 +97,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.from_json:
         rows = [row for path in args.from_json for row in json.loads(path.read_text())]
-        text = _markdown(rows)
+        pairs = [row for row in rows if row.get("kind") == "cross-backend"]
+        text = _markdown([row for row in rows if row.get("kind") != "cross-backend"])
+        if pairs:
+            text += "\n" + _cross_markdown(pairs)
         if args.markdown:
             args.markdown.write_text(text)
         print(text)
         return 0
     models = args.models or [s.name for s in list_models() if s.pretrained is not None]
     weights = {"per-channel": [True], "per-tensor": [False], "both": [True, False]}[args.weights]
+    if args.cross_backend and not {"onnxruntime", "openvino"} <= set(args.targets):
+        parser.error("--cross-backend needs --targets onnxruntime openvino")
     rows = []
+    cross: list[dict[str, Any]] = []
+    runs: dict[RunKey, Path] = {}
     with tempfile.TemporaryDirectory() as out:
         for model in models:
             for target in args.targets:
@@ -100,15 +126,21 @@ def main() -> int:
                     if native:
                         label = args.quantizer
                         label += "" if method == "minmax" else f" {method}"
-                    report = _run(
+                    # One folder per configuration: the runs of one model and target
+                    # would replace each other, and --cross-backend reads them later.
+                    folder = f"{precision}-{label.replace(' ', '-')}-{int(per_channel)}"
+                    report, run_dir = _run(
                         model,
                         target,
                         precision,
                         method if method != "-" else "minmax",
                         per_channel,
-                        out,
+                        str(Path(out) / folder),
                         args.quantizer if native else "deploykit",
+                        args.exact_residuals and target == "openvino" and precision == "int8",
                     )
+                    if precision == "int8":
+                        runs[(model, label, per_channel, target)] = run_dir
                     for name, acc in (report.accuracy or {}).items():
                         rows.append(
                             {
@@ -140,13 +172,83 @@ def main() -> int:
                         f"{model} {target} {precision} {method} {per_channel}: done",
                         file=sys.stderr,
                     )
+            if args.cross_backend:
+                cross += _cross_backend(runs, args.exact_residuals)
+            runs.clear()
     text = _markdown(rows)
+    if cross:
+        text += "\n" + _cross_markdown(cross)
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows + cross, indent=2) + "\n")
     print(text)
     return 0
+
+
+RunKey = tuple[str, str, bool, str]  # model, method label, per-channel, target
+
+
+def _cross_backend(runs: dict[RunKey, Path], exact: bool) -> list[dict[str, Any]]:
+    """OpenVINO's INT8 run scored against ONNX Runtime's, per configuration and set."""
+    from deploykit.pipeline.evaluate import evaluate
+
+    rows = []
+    for (model, label, per_channel, target), ov_dir in runs.items():
+        ort_dir = runs.get((model, label, per_channel, "onnxruntime"))
+        if target != "openvino" or ort_dir is None:
+            continue
+        for name in api.load_report(ov_dir).accuracy or {}:
+            ev = evaluate(ov_dir, name, against=ort_dir)["evaluation"]
+            rows.append(
+                {
+                    "kind": "cross-backend",
+                    "model": model,
+                    "method": label,
+                    "weights": "per-channel" if per_channel else "per-tensor",
+                    "exact_residuals": exact,
+                    "set": name,
+                    "run": str(ov_dir),
+                    "reference": ev.get("reference"),
+                    **{
+                        k: ev.get(k)
+                        for k in (
+                            "samples",
+                            "top1_agreement",
+                            "decisive_samples",
+                            "decisive_agreement",
+                            "top5_overlap",
+                            "cosine_mean",
+                            "cosine_min",
+                            "intervals",
+                            "interval_groups",
+                        )
+                    },
+                }
+            )
+            print(f"{model} {label} {name}: openvino against onnxruntime", file=sys.stderr)
+    return rows
+
+
+def _cross_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "OpenVINO INT8 against ONNX Runtime INT8, one calibration (`deploykit eval RUN "
+        "--against OTHER_RUN`); decisive: the inputs where ONNX Runtime's best class leads "
+        "its second by at least 0.05 in probability.",
+        "",
+        "| model | set | method | weights | OpenVINO file | inputs | top-1 agreement "
+        "| decisive inputs | agreement on them | top-5 overlap | cosine mean | cosine min |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['set']} | {r['method']} | {r['weights']} | "
+            f"{'exact residuals' if r['exact_residuals'] else 'default'} | {r['samples']} | "
+            f"{_fmt(r['top1_agreement'])} | {r['decisive_samples'] or '-'} | "
+            f"{_fmt(r['decisive_agreement'])} | {_fmt(r['top5_overlap'])} | "
+            f"{_fmt(r['cosine_mean'], 5)} | {_fmt(r['cosine_min'], 5)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
