@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from deploykit import api
-from deploykit.errors import GateError
+from deploykit.errors import GateError, UserError
 from deploykit.harness.environment import cpu_info, versions
 from deploykit.models.catalogue import list_models
 
@@ -286,4 +286,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -26,6 +26,13 @@ def test_cross_backend_needs_both_backends() -> None:
     assert "--cross-backend needs --targets onnxruntime openvino" in done.stderr
 
 
+def test_an_unknown_model_is_one_line_and_exit_2() -> None:
+    done = _matrix("--models", "no_such_model", "--no-fp32")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: unknown model 'no_such_model'")
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.skipif(
     not fashion_mnist.is_available(),
     reason=f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: "
