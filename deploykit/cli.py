@@ -93,6 +93,14 @@ def _calibration_options(func: Any) -> Any:
             help="Bound INT8 weight scales so CPUs without VNNI cannot saturate their "
             "16-bit sums; auto: for the CPU encodings on such a CPU.",
         ),
+        click.option(
+            "--keep-float",
+            multiple=True,
+            metavar="LAYERS|RUN",
+            help="Keep these layers in float (fused-graph node names, comma-separated; "
+            "repeatable), or the float layers of an INT8 run folder: another backend's "
+            "accuracy fallback carries over.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -254,6 +262,7 @@ def export(
     no_calib_cache: bool,
     exact_residuals: bool,
     overflow_fix: str,
+    keep_float: tuple[str, ...],
     quantizer: str,
     bn_recalibrate: bool,
     int8_encoding: str | None,
@@ -311,6 +320,7 @@ def export(
         int8_encoding=int8_encoding,
         exact_residuals=exact_residuals,
         overflow_fix=overflow_fix,
+        keep_float=list(keep_float) or None,
         eval_data=[] if no_eval else (list(eval_data) or None),
         eval_samples=eval_samples,
         max_accuracy_drop=max_accuracy_drop,
@@ -377,6 +387,7 @@ def calibrate(
     no_calib_cache: bool,
     exact_residuals: bool,
     overflow_fix: str,
+    keep_float: tuple[str, ...],
     weights: str | None,
     input_size: str | None,
     as_json: bool,
@@ -401,6 +412,7 @@ def calibrate(
             input_size=parse_size(input_size),
             exact_residuals=exact_residuals,
             overflow_fix=overflow_fix,
+            keep_float=keep_float,
             on_step=status.update,
         )
     if as_json:
@@ -412,6 +424,7 @@ def calibrate(
             f"{'per-channel' if cal['per_channel'] else 'per-tensor'}, "
             f"{cal['quantize_nodes']} QuantizeLinear nodes, {cal['data']['count']} inputs "
             f"from {cal['data']['source']}"
+            + (f", {len(cal['nodes_excluded'])} layer(s) in float" if cal["nodes_excluded"] else "")
         )
 
 

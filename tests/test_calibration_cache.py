@@ -611,7 +611,7 @@ def test_excluded_nodes_keep_float_weights(net: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_excluded_node_is_bad_input(net: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="nodes_to_exclude names nodes the graph lacks: nope"):
+    with pytest.raises(UserError, match="--keep-float names layers the fused graph lacks: nope"):
         calibrate_onnx(
             net, tmp_path / "q.onnx", _data(), CalibrationOptions(nodes_to_exclude=("nope",))
         )

@@ -232,3 +232,82 @@ def test_top5_overlap_target_starts_the_fallback_and_is_met(tmp_path: Path, targ
     print(
         f"{target}: top-5 overlap {before:.1f}% -> {after:.1f}% with {report.fallback['excluded']}"
     )
+
+
+def test_one_backends_fallback_carries_to_the_others(tmp_path: Path) -> None:
+    """--keep-float RUN: ONNX Runtime's fallback layers make OpenVINO's and the portable
+    file meet the same budget from the same calibration, with no fallback of their own."""
+    pytest.importorskip("openvino")
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+    from deploykit.stages.fallback import quantized_layers
+    from deploykit.stages.onnxcheck import load_onnx
+
+    eval_path = _eval_set(tmp_path)
+    ort = api.export(
+        api.ExportRequest(
+            **_outlier_run("onnxruntime", eval_path, max_accuracy_drop=3.0), out=str(tmp_path)
+        )
+    )
+    assert ort.report.fallback is not None and ort.report.fallback["met"]
+    fallen = ort.report.fallback["excluded"]
+    assert fallen
+
+    common = _outlier_run("openvino", eval_path, max_accuracy_drop=3.0, fallback=False)
+    report = api.export(
+        api.ExportRequest(**common, keep_float=[str(ort.run_dir)], out=str(tmp_path / "ov"))
+    ).report
+    calibrate = next(s for s in report.stages if s.name == "calibrate")
+    assert calibrate.details["nodes_excluded"] == fallen
+    assert report.status == "ok" and report.fallback is None
+    drop = report.accuracy[str(eval_path)]["drop"]
+    assert drop <= 3.0
+    # The same layers by name do the same; the run folder's report.json too.
+    by_name = api.export(
+        api.ExportRequest(**common, keep_float=[",".join(fallen)], out=str(tmp_path / "n"))
+    ).report
+    assert by_name.accuracy[str(eval_path)]["drop"] == drop
+
+    out = tmp_path / "portable"
+    result = CliRunner().invoke(
+        main,
+        ["calibrate", "tinynets:outlier_net", "--calib", "synthetic", "--calib-samples", "32"]
+        + SIZE
+        + ["-o", str(out), "--keep-float", str(ort.run_dir / "report.json")],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{len(fallen)} layer(s) in float" in result.output
+    qdq = load_onnx(out / "model.int8.qdq.onnx", check=False)
+    quantized = {node.name for node in quantized_layers(qdq)}
+    assert quantized and not quantized & set(fallen)
+    print(f"openvino with onnxruntime's float layers {fallen}: drop {drop}")
+
+
+def test_keep_float_refuses_what_it_cannot_keep(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+
+    def export(*extra: str) -> Any:
+        return CliRunner().invoke(
+            main,
+            ["export", "tinynets:outlier_net", "-t", "onnxruntime", "--runs", "2"]
+            + ["--min-seconds", "0", "--warmup", "0", "--fidelity-samples", "2"]
+            + SIZE
+            + ["-o", str(tmp_path), *extra],
+        )
+
+    int8 = ["-p", "int8", "--calib", "synthetic", "--calib-samples", "8", "--no-eval"]
+    for extra, message in (
+        (["--keep-float", "nope"], "--keep-float names layers the fused graph lacks: nope"),
+        (["--keep-float", "node_conv2d", "--quantizer", "nncf"], "--keep-float edits"),
+    ):
+        result = export(*int8, *extra)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "outlier_net" / "onnxruntime-int8" / "report.json").exists()
+    assert export().exit_code == 0
+    fp32 = tmp_path / "outlier_net" / "onnxruntime-fp32"
+    result = export(*int8, "--keep-float", str(fp32))
+    assert result.exit_code == 2 and "is not a deploykit INT8 run" in result.output

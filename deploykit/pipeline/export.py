@@ -197,8 +197,14 @@ def _int8_options(request: ExportRequest, backend: Any) -> Any:
         use_cache=request.calib_cache,
         exact_residuals=request.exact_residuals,
         overflow_fix=request.overflow_fix,
+        nodes_to_exclude=int8.keep_float_layers(request.keep_float or ()),
     )
     options.validate()
+    if options.nodes_to_exclude and request.quantizer != "deploykit":
+        raise UserError(
+            f"--keep-float edits deploykit's Q/DQ file; --quantizer {request.quantizer} "
+            "quantizes by itself: drop --keep-float or use --quantizer deploykit"
+        )
     if request.quantizer not in ("deploykit", caps.native_quantizer):
         native = f" or {caps.native_quantizer}" if caps.native_quantizer else ""
         hint = "" if native else f" (if {request.quantizer} is not installed: pip install it)"

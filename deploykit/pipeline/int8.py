@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from deploykit.errors import UserError
 from deploykit.fsutil import staged_dir, write_text_atomic
 from deploykit.harness.environment import versions
 from deploykit.harness.report import Report
@@ -46,6 +47,7 @@ def calibrate(
     seed: int = 0,
     exact_residuals: bool = False,
     overflow_fix: str = "auto",
+    keep_float: Sequence[str] = (),
     on_step: Step = quiet,
 ) -> dict[str, Any]:
     """Export, fuse and calibrate `model` into ``<out>/model.int8.qdq.onnx`` (no backend).
@@ -53,6 +55,8 @@ def calibrate(
     The default encoding is the portable symmetric one (s8s8: zero points 0, float
     biases), which TensorRT's strongly typed builder requires, checked against TensorRT's
     Q/DQ rules; u8s8 is what ONNX Runtime runs fastest on x86, mixed what OpenVINO does.
+    `keep_float` names layers (or run folders, see :func:`keep_float_layers`) left in
+    float, e.g. the layers an export's accuracy fallback kept on another backend.
 
     Returns:
         What was written, with the calibration details (also in ``calibration.json``).
@@ -72,6 +76,7 @@ def calibrate(
         use_cache=calib_cache,
         exact_residuals=exact_residuals,
         overflow_fix=overflow_fix,
+        nodes_to_exclude=keep_float_layers(keep_float),
     )
     options.validate()
     source, contract = resolve(model, weights, seed, input_size)
@@ -118,6 +123,45 @@ def calibrate(
         write_text_atomic(work / "calibration.json", json.dumps(result, indent=2) + "\n")
     result["out"] = str(final)
     return result
+
+
+def keep_float_layers(values: Iterable[str]) -> tuple[str, ...]:
+    """The layers `--keep-float` names, in order, without repeats.
+
+    Each value is a comma-separated list of node names of the fused graph, or a run
+    folder (or its report.json): that run's float layers, the ones it was told to keep
+    and the ones its accuracy fallback kept. So the layers one backend's fallback found
+    carry to another backend's export, or to the portable file for TensorRT.
+
+    Raises:
+        UserError: A run folder whose report cannot be read, or one without INT8
+            calibration.
+    """
+    layers: list[str] = []
+    for value in values:
+        for part in (p.strip() for p in value.split(",")):
+            path = Path(part)
+            if path.is_dir() or (path.suffix == ".json" and path.is_file()):
+                layers += _run_float_layers(path if path.is_dir() else path.parent)
+            elif part:
+                layers.append(part)
+    return tuple(dict.fromkeys(layers))
+
+
+def _run_float_layers(run_dir: Path) -> list[str]:
+    """What a run folder kept in float: named layers, then the fallback's."""
+    from deploykit.harness.report import load_report
+
+    report = load_report(run_dir)
+    calibrate = [s for s in report.stages if s.name == "calibrate"]
+    if report.precision != "int8" or not calibrate:
+        raise UserError(
+            f"{run_dir} is not a deploykit INT8 run (precision {report.precision}, no "
+            "calibration stage): --keep-float takes node names or an INT8 run folder"
+        )
+    named = list(calibrate[0].details.get("nodes_excluded") or [])
+    fallen = list((report.fallback or {}).get("excluded") or [])
+    return named + fallen
 
 
 def bn_recalibration_stage(
@@ -299,6 +343,7 @@ def _fallback_stage(
     from deploykit.stages.onnxcheck import load_onnx
 
     data, options = calibrated
+    kept = tuple(options.nodes_to_exclude)  # --keep-float's layers stay in float throughout
     fused, qdq = work / "model.fused.onnx", work / "model.int8.qdq.onnx"
     started = time.perf_counter()
     on_step("ranking layers by INT8 sensitivity")
@@ -310,7 +355,10 @@ def _fallback_stage(
     built: list[Any] = []
 
     def attempt(excluded: list[str]) -> tuple[float, dict[str, Any]]:
-        calibrate_onnx(fused, qdq, data, dataclasses.replace(options, nodes_to_exclude=excluded))
+        float_layers = (*kept, *(n for n in excluded if n not in kept))
+        calibrate_onnx(
+            fused, qdq, data, dataclasses.replace(options, nodes_to_exclude=float_layers)
+        )
         built.append(compile_model(qdq))
         with backend.runner(built[-1]) as runner:
             results = check.evaluate(runner.infer)

@@ -60,6 +60,10 @@ class ExportRequest:
             `deploykit.stages.ovqdq.materialise_residual_inputs`).
         overflow_fix: auto, on or off: bound INT8 weight scales so CPUs without VNNI
             cannot saturate their 16-bit sums (`deploykit.stages.overflow`).
+        keep_float: Layers kept in float from the start: node names of the fused graph,
+            or run folders whose float layers (named and fallen back) are reused, so one
+            backend's accuracy fallback carries to the others
+            (`deploykit.pipeline.int8.keep_float_layers`).
         eval_data: Evaluation sets (names, manifests or labelled folders); None = the
             model's own sets when it has real weights, none otherwise.
         eval_samples: Inputs per evaluation set; None = the whole set.
@@ -110,6 +114,7 @@ class ExportRequest:
     int8_encoding: str | None = None
     exact_residuals: bool = False
     overflow_fix: str = "auto"
+    keep_float: list[str] | None = None
     eval_data: list[str] | None = None
     eval_samples: int | None = None
     max_accuracy_drop: float = 1.0

@@ -55,6 +55,7 @@ REQUEST_FIELDS: dict[str, str | None] = {
     "int8_encoding": "calibration.encoding",
     "exact_residuals": "calibration.exact_residuals",
     "overflow_fix": "calibration.overflow_fix",
+    "keep_float": "calibration.keep_float",
     "eval_data": "evaluation.data",
     "eval_samples": "evaluation.samples",
     "max_accuracy_drop": "gates.max_accuracy_drop",

@@ -158,6 +158,11 @@ class CalibrationSection(_Section):
         description="Bound INT8 weight scales so CPUs without VNNI cannot saturate their "
         "16-bit sums; auto: for the CPU encodings on such a CPU.",
     )
+    keep_float: list[str] | None = Field(
+        default=None,
+        description="Layers kept in float: fused-graph node names, or INT8 run folders "
+        "whose float layers (named and fallen back) carry over.",
+    )
     quantizer: str = Field(
         default="deploykit",
         min_length=1,

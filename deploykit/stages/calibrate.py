@@ -508,8 +508,9 @@ def _check_excluded(prep: PreparedGraph, nodes: Sequence[str]) -> None:
     if unknown:
         weighted = [n.name for n in prep.model.graph.node if n.op_type in ("Conv", "Gemm")]
         raise UserError(
-            f"nodes_to_exclude names nodes the graph lacks: {', '.join(unknown[:5])}; "
-            f"Conv/Gemm nodes are: {', '.join(weighted[:8])}{' ...' if len(weighted) > 8 else ''}"
+            f"--keep-float names layers the fused graph lacks: {', '.join(unknown[:5])} "
+            f"(a run folder must exist); its Conv/Gemm nodes are: {', '.join(weighted[:8])}"
+            f"{' ...' if len(weighted) > 8 else ''}"
         )
 
 
