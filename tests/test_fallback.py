@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,9 @@ def test_one_backends_fallback_carries_to_the_others(tmp_path: Path) -> None:
     qdq = load_onnx(out / "model.int8.qdq.onnx", check=False)
     quantized = {node.name for node in quantized_layers(qdq)}
     assert quantized and not quantized & set(fallen)
+    # TensorRT's explicit-quantization rules hold, with those layers left in float.
+    check = json.loads((out / "calibration.json").read_text())["tensorrt"]["qdq_check"]
+    assert check["ok"] and set(fallen) <= set(check["float_layers"]), check
     print(f"openvino with onnxruntime's float layers {fallen}: drop {drop}")
 
 

@@ -263,9 +263,9 @@ def _check_layers(model: Any, graph: _Graph, report: QdqReport) -> None:
             continue
         report.float_layers.append(node.name or node.output[0])
         if data_q != weight_q:
-            side = "weights" if weight_q else "input"
+            side = "weights are" if weight_q else "input is"
             report.warnings.append(
-                f"{node.op_type} {node.name}: only its {side} are quantized; "
+                f"{node.op_type} {node.name}: only its {side} quantized; "
                 "TensorRT runs it in float"
             )
 
