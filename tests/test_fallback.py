@@ -315,3 +315,10 @@ def test_keep_float_refuses_what_it_cannot_keep(tmp_path: Path) -> None:
     fp32 = tmp_path / "outlier_net" / "onnxruntime-fp32"
     result = export(*int8, "--keep-float", str(fp32))
     assert result.exit_code == 2 and "is not a deploykit INT8 run" in result.output
+    other = CliRunner().invoke(
+        main,
+        ["export", "tinynets:tiny_net", "-t", "onnxruntime", *int8, "--keep-float", str(fp32)]
+        + ["-o", str(tmp_path)],
+    )
+    assert other.exit_code == 2, other.output
+    assert "is a run of outlier_net, not tiny_net" in other.output

@@ -154,6 +154,9 @@ def test_request_round_trips_through_the_resolved_recipe() -> None:
     assert request.input_size == (200, 240)
     again = to_request(Recipe.model_validate(request_to_data(request)))
     assert again == request
+    request.keep_float = ["node_Conv_1", "out/resnet50/onnxruntime-int8"]
+    again = to_request(Recipe.model_validate(request_to_data(request)))
+    assert again == request and again.keep_float == request.keep_float
 
 
 # -- errors ---------------------------------------------------------------------------

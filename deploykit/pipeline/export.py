@@ -102,7 +102,7 @@ def _check(request: ExportRequest) -> _Plan:
     if request.precision == "int8":
         if request.calib is None and pretrained is not None and pretrained.calib_set:
             request = dataclasses.replace(request, calib=pretrained.calib_set)
-        calib_options = _int8_options(request, backend)
+        calib_options = _int8_options(request, backend, source.name)
     if request.max_accuracy_drop < 0:
         raise UserError(f"--max-accuracy-drop must be >= 0, got {request.max_accuracy_drop}")
     if request.min_top5_overlap is not None and not 0 < request.min_top5_overlap <= 100:
@@ -177,7 +177,7 @@ def _check_target(request: ExportRequest) -> tuple[ExportRequest, Any]:
     return request, backend
 
 
-def _int8_options(request: ExportRequest, backend: Any) -> Any:
+def _int8_options(request: ExportRequest, backend: Any, model: str) -> Any:
     """The checked calibration options of an INT8 request."""
     from deploykit.stages.calibrate import CalibrationOptions
 
@@ -197,7 +197,7 @@ def _int8_options(request: ExportRequest, backend: Any) -> Any:
         use_cache=request.calib_cache,
         exact_residuals=request.exact_residuals,
         overflow_fix=request.overflow_fix,
-        nodes_to_exclude=int8.keep_float_layers(request.keep_float or ()),
+        nodes_to_exclude=int8.keep_float_layers(request.keep_float or (), model),
     )
     options.validate()
     if options.nodes_to_exclude and request.quantizer != "deploykit":

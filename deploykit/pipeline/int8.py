@@ -76,10 +76,12 @@ def calibrate(
         use_cache=calib_cache,
         exact_residuals=exact_residuals,
         overflow_fix=overflow_fix,
-        nodes_to_exclude=keep_float_layers(keep_float),
     )
     options.validate()
     source, contract = resolve(model, weights, seed, input_size)
+    options = dataclasses.replace(
+        options, nodes_to_exclude=keep_float_layers(keep_float, source.name)
+    )
     export_options = ExportOptions(opset=opset)
     if source.is_torch:
         export_options.order()
@@ -125,7 +127,7 @@ def calibrate(
     return result
 
 
-def keep_float_layers(values: Iterable[str]) -> tuple[str, ...]:
+def keep_float_layers(values: Iterable[str], model: str) -> tuple[str, ...]:
     """The layers `--keep-float` names, in order, without repeats.
 
     Each value is a comma-separated list of node names of the fused graph, or a run
@@ -133,26 +135,35 @@ def keep_float_layers(values: Iterable[str]) -> tuple[str, ...]:
     and the ones its accuracy fallback kept. So the layers one backend's fallback found
     carry to another backend's export, or to the portable file for TensorRT.
 
+    Args:
+        values: What `--keep-float` was given.
+        model: The model being quantized (a run folder must be of the same model).
+
     Raises:
-        UserError: A run folder whose report cannot be read, or one without INT8
-            calibration.
+        UserError: A run folder whose report cannot be read, of another model, or
+            without INT8 calibration.
     """
     layers: list[str] = []
     for value in values:
         for part in (p.strip() for p in value.split(",")):
             path = Path(part)
             if path.is_dir() or (path.suffix == ".json" and path.is_file()):
-                layers += _run_float_layers(path if path.is_dir() else path.parent)
+                layers += _run_float_layers(path if path.is_dir() else path.parent, model)
             elif part:
                 layers.append(part)
     return tuple(dict.fromkeys(layers))
 
 
-def _run_float_layers(run_dir: Path) -> list[str]:
+def _run_float_layers(run_dir: Path, model: str) -> list[str]:
     """What a run folder kept in float: named layers, then the fallback's."""
     from deploykit.harness.report import load_report
 
     report = load_report(run_dir)
+    if report.model != model:
+        raise UserError(
+            f"{run_dir} is a run of {report.model}, not {model}: --keep-float takes a run "
+            f"folder of {model}"
+        )
     calibrate = [s for s in report.stages if s.name == "calibrate"]
     if report.precision != "int8" or not calibrate:
         raise UserError(

@@ -265,8 +265,7 @@ def _check_layers(model: Any, graph: _Graph, report: QdqReport) -> None:
         if data_q != weight_q:
             side = "weights are" if weight_q else "input is"
             report.warnings.append(
-                f"{node.op_type} {node.name}: only its {side} quantized; "
-                "TensorRT runs it in float"
+                f"{node.op_type} {node.name}: only its {side} quantized; TensorRT runs it in float"
             )
 
 
