@@ -322,3 +322,10 @@ def test_keep_float_refuses_what_it_cannot_keep(tmp_path: Path) -> None:
     )
     assert other.exit_code == 2, other.output
     assert "is a run of outlier_net, not tiny_net" in other.output
+    # Float on purpose is not a failed INT8 build: the precision gate counts the
+    # integer kernels left (ONNX Runtime: 2 of outlier_net's 4 layers in float).
+    kept = export(*int8, "--keep-float", "node_conv2d_1,node_conv2d_2")
+    assert kept.exit_code == 0, kept.output
+    report = api.load_report(tmp_path / "outlier_net" / "onnxruntime-int8")
+    gate = next(g for g in report.gates if g.name == "precision")
+    assert gate.passed and "(2 kept in float by --keep-float)" in gate.detail, gate.detail

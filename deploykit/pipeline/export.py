@@ -301,7 +301,7 @@ def _run(plan: _Plan, report: Report, work: Path, on_step: Step) -> None:
             calibrated,
             on_step,
         )
-    report.gates.insert(0, _precision_gate(request.precision, artifact, report.fallback))
+    report.gates.insert(0, _precision_gate(request.precision, artifact, report))
     _measure_stages(plan, report, work, artifact, module, on_step)
 
 
@@ -402,21 +402,26 @@ def _eval_sets(request: ExportRequest, pretrained: Any) -> list[str]:
     return list(pretrained.eval_sets) if pretrained is not None else []
 
 
-def _precision_gate(requested: str, artifact: Any, fallback: dict[str, Any] | None) -> Gate:
+def _precision_gate(requested: str, artifact: Any, report: Report) -> Gate:
     """The runtime must compute in the requested precision.
 
-    After an accuracy fallback the model is mixed on purpose: it passes when the
-    runtime still runs integer kernels for the layers left in INT8.
+    With layers kept in float (`--keep-float`, or by the accuracy fallback) the model
+    is mixed on purpose: it passes when the runtime still runs integer kernels for the
+    layers left in INT8.
     """
     effective = artifact.effective_precision
-    if requested == "int8" and fallback and fallback.get("excluded"):
-        int8, other = _int8_layer_counts(artifact.info)
-        kept = len(fallback["excluded"])
+    named, fallen = int8.float_layers(report) if requested == "int8" else ([], [])
+    if named or fallen:
+        counts, why = _int8_layer_counts(artifact.info), []
+        if named:
+            why.append(f"{len(named)} kept in float by --keep-float")
+        if fallen:
+            why.append(f"{len(fallen)} kept in float by the accuracy fallback")
         return Gate(
             name="precision",
-            passed=int8 > 0,
-            detail=f"mixed: {int8} compute layers in int8, {other} in float "
-            f"({kept} kept in float by the accuracy fallback)",
+            passed=counts[0] > 0,
+            detail=f"mixed: {counts[0]} compute layers in int8, {counts[1]} in float "
+            f"({', '.join(why)})",
         )
     return Gate(
         name="precision",

@@ -164,15 +164,21 @@ def _run_float_layers(run_dir: Path, model: str) -> list[str]:
             f"{run_dir} is a run of {report.model}, not {model}: --keep-float takes a run "
             f"folder of {model}"
         )
-    calibrate = [s for s in report.stages if s.name == "calibrate"]
-    if report.precision != "int8" or not calibrate:
+    if report.precision != "int8" or not any(s.name == "calibrate" for s in report.stages):
         raise UserError(
             f"{run_dir} is not a deploykit INT8 run (precision {report.precision}, no "
             "calibration stage): --keep-float takes node names or an INT8 run folder"
         )
-    named = list(calibrate[0].details.get("nodes_excluded") or [])
-    fallen = list((report.fallback or {}).get("excluded") or [])
+    named, fallen = float_layers(report)
     return named + fallen
+
+
+def float_layers(report: Report) -> tuple[list[str], list[str]]:
+    """The layers a run keeps in float on purpose: (named with --keep-float, fallen back)."""
+    calibrate = next((s for s in report.stages if s.name == "calibrate"), None)
+    named = list(calibrate.details.get("nodes_excluded") or []) if calibrate else []
+    fallen = list((report.fallback or {}).get("excluded") or [])
+    return named, fallen
 
 
 def bn_recalibration_stage(
@@ -366,10 +372,8 @@ def _fallback_stage(
     built: list[Any] = []
 
     def attempt(excluded: list[str]) -> tuple[float, dict[str, Any]]:
-        float_layers = (*kept, *(n for n in excluded if n not in kept))
-        calibrate_onnx(
-            fused, qdq, data, dataclasses.replace(options, nodes_to_exclude=float_layers)
-        )
+        in_float = tuple(dict.fromkeys((*kept, *excluded)))
+        calibrate_onnx(fused, qdq, data, dataclasses.replace(options, nodes_to_exclude=in_float))
         built.append(compile_model(qdq))
         with backend.runner(built[-1]) as runner:
             results = check.evaluate(runner.infer)
