@@ -12,7 +12,9 @@ the fallback off, so the table shows what plain INT8 does.
 `--cross-backend` also scores the two backends against each other: for each INT8
 configuration, OpenVINO's run against ONNX Runtime's (`deploykit eval RUN --data SET
 --against OTHER_RUN`) on every evaluation set, both built from one calibration.
-`--exact-residuals` writes OpenVINO's file with that option.
+`--exact-residuals` writes OpenVINO's file with that option; `--weight-rounding`
+chooses the INT8 weight rounding of every configuration (default: auto, as
+`deploykit export`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def _run(
     out: str,
     quantizer: str = "deploykit",
     exact_residuals: bool = False,
+    weight_rounding: str = "auto",
 ) -> tuple[Any, Path]:
     request = api.ExportRequest(
         model=model,
@@ -49,6 +52,7 @@ def _run(
         calib_method=method,
         per_channel=per_channel,
         exact_residuals=exact_residuals,
+        weight_rounding=weight_rounding,
         out=out,
         runs=20,
         warmup=2,
@@ -88,6 +92,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--exact-residuals", action="store_true", help="OpenVINO's file with --exact-residuals"
+    )
+    parser.add_argument(
+        "--weight-rounding",
+        choices=["auto", "nearest", "gptq"],
+        default="auto",
+        help="INT8 weight rounding of every configuration (as deploykit export)",
     )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
@@ -138,6 +148,7 @@ def main() -> int:
                         str(Path(out) / folder),
                         args.quantizer if native else "deploykit",
                         args.exact_residuals and target == "openvino" and precision == "int8",
+                        args.weight_rounding,
                     )
                     if precision == "int8":
                         runs[(model, label, per_channel, target)] = run_dir
@@ -207,6 +218,7 @@ def _cross_backend(runs: dict[RunKey, Path], exact: bool) -> list[dict[str, Any]
                     "method": label,
                     "weights": "per-channel" if per_channel else "per-tensor",
                     "exact_residuals": exact,
+                    "weight_rounding": _weight_rounding(api.load_report(ort_dir)),
                     "set": name,
                     "run": str(ov_dir),
                     "reference": ev.get("reference"),
@@ -230,19 +242,32 @@ def _cross_backend(runs: dict[RunKey, Path], exact: bool) -> list[dict[str, Any]
     return rows
 
 
+def _weight_rounding(report: Any) -> str:
+    """How the run's INT8 weights were rounded, read from its calibrate stage."""
+    for stage in report.stages:
+        if stage.name == "calibrate":
+            done = stage.details.get("weight_rounding", {})
+            if done.get("applied"):
+                return str(done.get("mode"))
+            return "nearest (gptq reverted)" if done.get("reverted") else "nearest"
+    return "-"
+
+
 def _cross_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "OpenVINO INT8 against ONNX Runtime INT8, one calibration (`deploykit eval RUN "
         "--against OTHER_RUN`); decisive: the inputs where ONNX Runtime's best class leads "
         "its second by at least 0.05 in probability.",
         "",
-        "| model | set | method | weights | OpenVINO file | inputs | top-1 agreement "
+        "| model | set | method | weights | weight rounding | OpenVINO file | inputs "
+        "| top-1 agreement "
         "| decisive inputs | agreement on them | top-5 overlap | cosine mean | cosine min |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['set']} | {r['method']} | {r['weights']} | "
+            f"{r.get('weight_rounding', 'auto')} | "
             f"{'exact residuals' if r['exact_residuals'] else 'default'} | {r['samples']} | "
             f"{_fmt(r['top1_agreement'])} | {r['decisive_samples'] or '-'} | "
             f"{_fmt(r['decisive_agreement'])} | {_fmt(r['top5_overlap'])} | "

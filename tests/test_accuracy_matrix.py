@@ -42,7 +42,7 @@ def test_cross_backend_scores_openvino_against_onnxruntime(tmp_path: Path) -> No
     out = tmp_path / "rows.json"
     done = _matrix(
         "--models", "fmnist_lenet5", "--methods", "minmax", "--no-fp32",
-        "--cross-backend", "--json", str(out),
+        "--cross-backend", "--weight-rounding", "gptq", "--json", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
@@ -50,13 +50,14 @@ def test_cross_backend_scores_openvino_against_onnxruntime(tmp_path: Path) -> No
     assert {r["target"] for r in per_backend} == {"onnxruntime", "openvino"}
     (pair,) = [r for r in rows if r.get("kind") == "cross-backend"]
     assert (pair["set"], pair["samples"]) == ("fashion-mnist-test", 10_000)
-    assert pair["method"] == "minmax"
+    assert (pair["method"], pair["weight_rounding"]) == ("minmax", "gptq")
     # OpenVINO's run, scored against ONNX Runtime's (not against FP32, nor itself).
     assert "/openvino-int8" in pair["run"]
     assert pair["reference"].startswith("onnxruntime int8")
-    # LeNet-5 has no residual Add, so the two files of one calibration agree all but
-    # exactly (measured: 100.00% top-1, cosine mean 1.00000, smallest 0.99997).
+    # LeNet-5 has no residual Add, so the two files of one calibration (GPTQ rounds both
+    # files' weights to the same codes) agree all but exactly (measured with nearest
+    # rounding: 100.00% top-1, cosine mean 1.00000, smallest 0.99997).
     assert pair["top1_agreement"] >= 99.9
     assert pair["decisive_agreement"] >= 99.9
     assert pair["cosine_mean"] >= 0.9999
-    assert "| fmnist_lenet5 | fashion-mnist-test | minmax |" in done.stdout
+    assert "| fmnist_lenet5 | fashion-mnist-test | minmax | per-channel | gptq |" in done.stdout
