@@ -15,6 +15,7 @@ from typing import Any
 
 from deploykit.backends.registry import backend_names, get_backend
 from deploykit.errors import UserError
+from deploykit.harness.accuracy import EvalGates
 from deploykit.harness.report import load_report
 from deploykit.models.catalogue import ModelSpec, list_models
 from deploykit.pipeline.evaluate import evaluate
@@ -24,6 +25,7 @@ from deploykit.pipeline.request import ExportRequest, ExportResult, Step, quiet
 from deploykit.regress.run import bench, bench_several, regress
 
 __all__ = [
+    "EvalGates",
     "ExportRequest",
     "ExportResult",
     "Step",

@@ -452,6 +452,24 @@ def calibrate(
     "value, and compare the artifact with itself: the floor for any agreement figure "
     "(an INT8 model can change its answer on such a change; 0 = off).",
 )
+@click.option(
+    "--min-agreement",
+    type=float,
+    help="Gate: smallest top-1 agreement with the reference, percent (exit 1 below it).",
+)
+@click.option(
+    "--min-top5-overlap",
+    type=float,
+    help="Gate: smallest top-5 overlap with the reference, percent.",
+)
+@click.option(
+    "--min-cosine", type=float, help="Gate: smallest mean cosine similarity with the reference."
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    help="Gate: largest top-1 drop against the reference on the set's labels, points.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(
     run_dir: str,
@@ -460,15 +478,28 @@ def eval_(
     no_save: bool,
     against: str | None,
     stability: int,
+    min_agreement: float | None,
+    min_top5_overlap: float | None,
+    min_cosine: float | None,
+    max_accuracy_drop: float | None,
     as_json: bool,
 ) -> None:
     """Evaluate a run folder's compiled artifact on a set, next to the FP32 model.
 
     With --against, compare it with another run's artifact (e.g. OpenVINO INT8 against
-    ONNX Runtime INT8 built from the same statistics).
+    ONNX Runtime INT8 built from the same statistics). The --min-*/--max-* gates hold
+    the comparison to numbers for CI: exit 1, with the numbers, when one fails.
     """
     from deploykit import api
+    from deploykit.errors import GateError
     from deploykit.harness.display import render_eval
+
+    gates = api.EvalGates(
+        min_agreement=min_agreement,
+        min_top5_overlap=min_top5_overlap,
+        min_cosine=min_cosine,
+        max_accuracy_drop=max_accuracy_drop,
+    )
 
     with _console(stderr=True).status(f"evaluating {run_dir}") as status:
         result = api.evaluate(
@@ -478,12 +509,19 @@ def eval_(
             save=not no_save,
             against=against,
             stability=stability,
+            gates=gates,
             on_step=status.update,
         )
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         render_eval(_console(), result)
+    failed = [g for g in result["gates"] if not g["passed"]]
+    if failed:
+        raise GateError(
+            f"{result['model']} {result['target']} {result['precision']}: "
+            + "; ".join(f"{g['name']} gate failed ({g['detail']})" for g in failed)
+        )
 
 
 @main.command()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from deploykit.cli import main
 from deploykit.errors import UserError
 from deploykit.harness import evalsets, fashion_mnist
+from deploykit.harness.accuracy import EvalGates
 from deploykit.harness.datasets import Dataset, load_dataset, load_eval_data
 from deploykit.harness.display import accuracy_line
 from deploykit.harness.evaluate import (
@@ -230,6 +231,59 @@ def test_evaluation_reports_drop_and_agreement() -> None:
     assert unlabelled.top1_agreement == 90.0
 
 
+def test_eval_gates_hold_each_figure_to_its_threshold() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(50, 10)).astype(np.float32)
+    labels = reference.argmax(axis=1).tolist()
+    candidate = reference.copy()
+    candidate[:5] = -candidate[:5]  # five of 50 flip: 90% agreement, a 10-point drop
+    data = Dataset(inputs=np.zeros((50, 1)), source="toy", sha256="x", labels=labels)
+    result = evaluate_outputs(candidate, reference, data, "toy fp32").to_dict()
+    result["stability"] = {"top1_agreement": 92.5, "top1_agreement_min": 90.0}
+
+    def verdict(gates: EvalGates) -> dict[str, bool]:
+        return {g.name: g.passed for g in gates.check(result, "fp32")}
+
+    assert verdict(EvalGates()) == {}
+    assert verdict(EvalGates(min_agreement=90.0)) == {"agreement:toy": True}
+    assert verdict(EvalGates(min_agreement=91.0)) == {"agreement:toy": False}
+    # A set cannot resolve finer than one input: 99% of 50 inputs allows one (98%).
+    assert verdict(EvalGates(min_agreement=99.0)) == {"agreement:toy": False}
+    (gate,) = EvalGates(min_agreement=91.0).check(result, "onnxruntime int8")
+    assert "top-1 agreement with onnxruntime int8 90.00% (at least 91%)" in gate.detail
+    assert "after one grey level 92.50% (worst draw 90.00%)" in gate.detail
+    twenty = Dataset(np.zeros((20, 1)), "toy", "x")
+    small = evaluate_outputs(candidate[:20], reference[:20], twenty, "toy").to_dict()
+    small["top1_agreement"] = 95.0  # one input of 20
+    (gate,) = EvalGates(min_agreement=99.0).check(small, "fp32")
+    assert gate.passed and "one input of 20 allowed" in gate.detail
+    cosine = result["cosine_mean"]
+    assert verdict(EvalGates(min_cosine=cosine)) == {"cosine:toy": True}
+    assert verdict(EvalGates(min_cosine=cosine + 1e-6)) == {"cosine:toy": False}
+    overlap = result["top5_overlap"]
+    assert verdict(EvalGates(min_top5_overlap=overlap)) == {"top5_overlap:toy": True}
+    assert verdict(EvalGates(min_top5_overlap=overlap + 0.5)) == {"top5_overlap:toy": False}
+    assert verdict(EvalGates(max_accuracy_drop=10.0)) == {"accuracy:toy": True}
+    assert verdict(EvalGates(max_accuracy_drop=9.0)) == {"accuracy:toy": False}
+    all_four = EvalGates(
+        min_agreement=80, min_top5_overlap=50, min_cosine=0.5, max_accuracy_drop=20
+    )
+    assert list(verdict(all_four)) == [
+        "agreement:toy",
+        "top5_overlap:toy",
+        "cosine:toy",
+        "accuracy:toy",
+    ]
+    for bad, flag in (
+        (EvalGates(min_agreement=0), "--min-agreement"),
+        (EvalGates(min_top5_overlap=101), "--min-top5-overlap"),
+        (EvalGates(min_cosine=1.5), "--min-cosine"),
+        (EvalGates(max_accuracy_drop=-1), "--max-accuracy-drop"),
+    ):
+        with pytest.raises(UserError, match=flag):
+            bad.validate()
+
+
 def test_decisive_agreement_tells_near_tie_flips_from_real_errors() -> None:
     # Five inputs: 0-2 decisive (lead 0.9 or more), 3-4 near ties (lead 0.02).
     probs = np.array(
@@ -332,5 +386,62 @@ def test_eval_command_on_a_run_folder(
     versus = json.loads(cross.stdout)["evaluation"]
     assert versus["reference"].startswith("openvino fp32") and versus["cosine_min"] > 0.9999
     assert versus["top1_agreement"] == 100.0
+    if not recalibrated:
+        _eval_gates_pass_and_fail(tmp_path, run_dir, other / "tiny_net" / "openvino-fp32")
     bad = CliRunner().invoke(main, ["eval", str(run_dir), "--data", "no-such-set"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def _eval_gates_pass_and_fail(tmp_path: Path, run_dir: Path, openvino_run: Path) -> None:
+    """`deploykit eval` gates: pass on two backends of one model, exit 1 on another model."""
+    args = ["eval", str(run_dir), "--data", "imagenet-photos20", "--samples", "6", "--json"]
+    gates = ["--min-agreement", "99", "--min-cosine", "0.9999", "--min-top5-overlap", "99"]
+    passed = CliRunner().invoke(
+        main,
+        args + ["--against", str(openvino_run), *gates, "--max-accuracy-drop", "0"],
+        catch_exceptions=False,
+    )
+    assert passed.exit_code == 0, passed.output
+    result = json.loads(passed.stdout)
+    assert result["status"] == "ok"
+    assert [g["name"] for g in result["gates"]] == [
+        "agreement:imagenet-photos20",
+        "top5_overlap:imagenet-photos20",
+        "cosine:imagenet-photos20",
+        "accuracy:imagenet-photos20",
+    ]
+    assert all(g["passed"] for g in result["gates"])
+    assert "with openvino fp32" in result["gates"][0]["detail"]
+    # The same net with other random weights answers differently: the gates fail.
+    stranger = CliRunner().invoke(
+        main,
+        ["export", "tinynets:tiny_net_reseeded", "-t", "onnxruntime", "-o", str(tmp_path / "seed1")]
+        + ["--input-size", "64", "--runs", "5", "--warmup", "1"]
+        + ["--min-seconds", "0", "--fidelity-samples", "4", "--json"],
+        catch_exceptions=False,
+    )
+    assert stranger.exit_code == 0, stranger.output
+    failed = CliRunner().invoke(
+        main,
+        args
+        + ["--against", str(tmp_path / "seed1" / "tiny_net_reseeded" / "onnxruntime-fp32"), *gates],
+    )
+    assert failed.exit_code == 1, failed.output
+    verdict = json.loads(failed.stdout)
+    assert verdict["status"].startswith("failed: agreement:imagenet-photos20")
+    assert not verdict["gates"][0]["passed"] and not verdict["gates"][2]["passed"]
+    error = failed.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: tiny_net onnxruntime fp32: ")
+    assert (
+        "agreement:imagenet-photos20 gate failed (top-1 agreement with onnxruntime fp32" in error[0]
+    )
+    unlabelled = CliRunner().invoke(
+        main, ["eval", str(run_dir), "--data", "natural-images", "--max-accuracy-drop", "1"]
+    )
+    assert unlabelled.exit_code == 2
+    assert "--max-accuracy-drop needs a labelled set" in unlabelled.output
+    assert len(unlabelled.output.strip().splitlines()) == 1
+    out_of_range = CliRunner().invoke(
+        main, ["eval", str(run_dir), "--data", "imagenet-photos20", "--min-cosine", "2"]
+    )
+    assert out_of_range.exit_code == 2 and "--min-cosine" in out_of_range.output

@@ -58,6 +58,12 @@ def tiny_net() -> nn.Module:
     return model.eval()
 
 
+def tiny_net_reseeded() -> nn.Module:
+    """TinyNet with other random weights: tiny_net's input contract, another model."""
+    torch.manual_seed(1)
+    return TinyNet().eval()
+
+
 class _BakedBatch(nn.Module):
     """The classic channel-shuffle bug: the batch size is read as a Python int and baked in."""
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.errors import UserError
 from deploykit.harness.datasets import Dataset, load_eval_data
-from deploykit.harness.evaluate import evaluate, run_batched
+from deploykit.harness.evaluate import DECISIVE_MARGIN, evaluate, run_batched
 from deploykit.harness.report import Gate
 from deploykit.models.contract import InputContract
 
@@ -115,8 +116,8 @@ class AccuracyCheck:
         return gates
 
 
-def accuracy_gates(accuracy: dict[str, Any], budget: float) -> list[Gate]:
-    """One gate per labelled set: top-1 drop against FP32 within `budget` points."""
+def accuracy_gates(accuracy: dict[str, Any], budget: float, reference: str = "fp32") -> list[Gate]:
+    """One gate per labelled set: top-1 drop against the reference within `budget` points."""
     gates = []
     for name, result in accuracy.items():
         if result.get("drop") is None:
@@ -127,24 +128,110 @@ def accuracy_gates(accuracy: dict[str, Any], budget: float) -> list[Gate]:
             Gate(
                 name=f"accuracy:{name}",
                 passed=result["drop"] <= allowed + 1e-9,
-                detail=f"top-1 {result['top1']:.2f}% vs fp32 {result['fp32_top1']:.2f}% "
+                detail=f"top-1 {result['top1']:.2f}% vs {reference} {result['fp32_top1']:.2f}% "
                 f"(drop {result['drop']:+.2f} pt, budget {budget:g} pt{note})",
             )
         )
     return gates
 
 
-def overlap_gates(accuracy: dict[str, Any], minimum: float) -> list[Gate]:
+def overlap_gates(
+    accuracy: dict[str, Any], minimum: float, reference: str | None = None
+) -> list[Gate]:
     """One gate per set: top-5 overlap with the reference of at least `minimum` percent."""
     return [
         Gate(
             name=f"top5_overlap:{name}",
             passed=result["top5_overlap"] >= minimum - 1e-9,
-            detail=f"top-5 overlap with {result.get('reference', 'fp32')} "
+            detail=f"top-5 overlap with {reference or result.get('reference', 'fp32')} "
             f"{result['top5_overlap']:.2f}% (at least {minimum:g}%)",
         )
         for name, result in accuracy.items()
     ]
+
+
+@dataclass(frozen=True)
+class EvalGates:
+    """Thresholds `deploykit eval` checks on one evaluation (None: not checked).
+
+    Each compares the artifact with its reference: the FP32 model, or with
+    ``--against`` another run's artifact (two backends' INT8 models of one
+    calibration, say), so a CI job can hold either to a number.
+
+    Attributes:
+        min_agreement: Smallest top-1 agreement, percent. Like the drop budget, never
+            stricter than one input of the set (`effective_budget`).
+        min_top5_overlap: Smallest top-5 overlap, percent.
+        min_cosine: Smallest mean cosine similarity of the outputs.
+        max_accuracy_drop: Largest top-1 drop on the set's labels, points (labelled
+            sets only).
+    """
+
+    min_agreement: float | None = None
+    min_top5_overlap: float | None = None
+    min_cosine: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def validate(self) -> None:
+        """Raise UserError for a threshold outside its range."""
+        for flag, value in (
+            ("--min-agreement", self.min_agreement),
+            ("--min-top5-overlap", self.min_top5_overlap),
+        ):
+            if value is not None and not 0 < value <= 100:
+                raise UserError(f"{flag} is a percentage in (0, 100], got {value:g}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise UserError(f"--min-cosine is a cosine in [-1, 1], got {self.min_cosine:g}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UserError(f"--max-accuracy-drop must be >= 0, got {self.max_accuracy_drop:g}")
+
+    def check(self, result: dict[str, Any], reference: str) -> list[Gate]:
+        """The gates on one evaluation (`Evaluation.to_dict()`), in a fixed order."""
+        name, samples = result["dataset"], int(result["samples"])
+        one = {name: result}
+        gates = []
+        if self.min_agreement is not None:
+            allowed = effective_budget(100.0 - self.min_agreement, samples)
+            needed = 100.0 - allowed
+            note = "" if needed == self.min_agreement else f"; one input of {samples} allowed"
+            detail = (
+                f"top-1 agreement with {reference} {result['top1_agreement']:.2f}% "
+                f"(at least {self.min_agreement:g}%{note})"
+            )
+            if result.get("decisive_samples"):
+                detail += (
+                    f"; {result['decisive_agreement']:.2f}% on the "
+                    f"{result['decisive_samples']} where {reference} leads by >= "
+                    f"{DECISIVE_MARGIN:g}"
+                )
+            steady = result.get("stability")
+            if steady:
+                detail += (
+                    f"; the artifact against itself after one grey level "
+                    f"{steady['top1_agreement']:.2f}% (worst draw "
+                    f"{steady['top1_agreement_min']:.2f}%)"
+                )
+            gates.append(
+                Gate(
+                    name=f"agreement:{name}",
+                    passed=result["top1_agreement"] >= needed - 1e-9,
+                    detail=detail,
+                )
+            )
+        if self.min_top5_overlap is not None:
+            gates += overlap_gates(one, self.min_top5_overlap, reference)
+        if self.min_cosine is not None:
+            gates.append(
+                Gate(
+                    name=f"cosine:{name}",
+                    passed=result["cosine_mean"] >= self.min_cosine,
+                    detail=f"cosine with {reference}: mean {result['cosine_mean']:.5f} "
+                    f"(at least {self.min_cosine:g}), smallest {result['cosine_min']:.5f}",
+                )
+            )
+        if self.max_accuracy_drop is not None:
+            gates += accuracy_gates(one, self.max_accuracy_drop, reference)
+        return gates
 
 
 def effective_budget(budget: float, samples: int) -> float:

@@ -92,8 +92,7 @@ def render_report(console: Console, report: Report, run_dir: str) -> None:
         table.add_row("accuracy", f"{result.get('seconds', 0):.2f}", "", "", accuracy_line(result))
     console.print(table)
     for gate in report.gates:
-        mark = "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]"
-        console.print(f"gate {gate.name}: {mark} ({escape(gate.detail)})")
+        console.print(_gate_line(gate.name, gate.passed, gate.detail))
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     style = "green" if report.status == "ok" else "red"
@@ -139,6 +138,13 @@ def render_eval(console: Console, result: dict[str, Any]) -> None:
         f"{result['model']} → {result['target']} {result['precision']}: "
         f"{escape(accuracy_line(result['evaluation']))}"
     )
+    for gate in result.get("gates", []):
+        console.print(_gate_line(gate["name"], gate["passed"], gate["detail"]))
+
+
+def _gate_line(name: str, passed: bool, detail: str) -> str:
+    mark = "[green]pass[/green]" if passed else "[red]FAIL[/red]"
+    return f"gate {name}: {mark} ({escape(detail)})"
 
 
 def render_datasets(console: Console, rows: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from deploykit.backends.registry import require_backend
 from deploykit.errors import UserError
+from deploykit.harness.accuracy import EvalGates
 from deploykit.harness.report import load_report
 from deploykit.models.loaders import load_torch
 from deploykit.pipeline.records import REFERENCE_BATCH, fp32_reference
@@ -22,6 +23,7 @@ def evaluate(
     save: bool = True,
     against: str | Path | None = None,
     stability: int = 0,
+    gates: EvalGates | None = None,
     on_step: Step = quiet,
 ) -> dict[str, Any]:
     """Evaluate a run folder's compiled artifact on a set, next to the FP32 reference.
@@ -41,12 +43,17 @@ def evaluate(
         stability: Also run this many copies of the set with each input moved by one
             grey level in one value, and compare the artifact with itself
             (`deploykit.harness.stability`): the floor for any agreement figure.
+        gates: Thresholds to check against the reference; the result lists each gate
+            and its ``status`` is ``ok`` or ``failed: <gates>`` (the caller decides
+            what a failure does: the CLI exits 1).
 
     Returns:
-        The evaluation (see :class:`deploykit.harness.evaluate.Evaluation`).
+        The evaluation (see :class:`deploykit.harness.evaluate.Evaluation`), its
+        gates and status.
 
     Raises:
-        UserError: A negative `stability`, or a run folder or set that cannot be read.
+        UserError: A negative `stability`, a threshold out of range, a drop budget on
+            a set without labels, or a run folder or set that cannot be read.
     """
     from deploykit.backends.base import CompiledArtifact
     from deploykit.harness.datasets import load_eval_data
@@ -56,6 +63,8 @@ def evaluate(
 
     if stability < 0:
         raise UserError(f"--stability takes a number of draws (0 = off), got {stability}")
+    gates = gates or EvalGates()
+    gates.validate()
     folder = Path(run_dir)
     report = load_report(folder)
     backend = require_backend(report.target)
@@ -63,6 +72,11 @@ def evaluate(
     source = ModelSource.from_dict(report.model_source)
     on_step(f"loading {data}")
     dataset = load_eval_data(data, artifact.contract, samples)
+    if gates.max_accuracy_drop is not None and dataset.labels is None:
+        raise UserError(
+            f"--max-accuracy-drop needs a labelled set and {data} has no labels: "
+            "gate on --min-agreement instead"
+        )
     batch = int(report.input.get("batch", 1))
     on_step(f"evaluating {dataset.inputs.shape[0]} inputs")
     if against is not None:
@@ -74,6 +88,7 @@ def evaluate(
                 other_runner.infer, dataset.inputs, int(other.input.get("batch", 1))
             )
         label = f"{other.target} {other.precision} ({other_dir})"
+        short = f"{other.target} {other.precision}"
         save = False
     else:
         module = load_torch(source) if source.is_torch else None
@@ -81,6 +96,7 @@ def evaluate(
             # The run exported the re-estimated model: rebuild the same reference.
             bnrecal.recalibrate_model(module, source.ref, artifact.contract, seed=source.seed)
         reference, label = fp32_reference(module, folder / "model.onnx")
+        short = "fp32"
         reference_outputs = run_batched(
             reference, dataset.inputs, REFERENCE_BATCH if module is not None else batch
         )
@@ -108,6 +124,8 @@ def evaluate(
     if save:
         report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
         report.save(folder)
+    checked = gates.check(result.to_dict(), short)
+    failed = [g.name for g in checked if not g.passed]
     return {
         "schema_version": 1,
         "kind": "eval",
@@ -117,4 +135,6 @@ def evaluate(
         "precision": report.precision,
         "evaluation": result.to_dict(),
         "summary": result.summary(),
+        "gates": [g.model_dump() for g in checked],
+        "status": "failed: " + ", ".join(failed) if failed else "ok",
     }
