@@ -191,9 +191,9 @@ class EvalGates:
         one = {name: result}
         gates = []
         if self.min_agreement is not None:
-            allowed = effective_budget(100.0 - self.min_agreement, samples)
-            needed = 100.0 - allowed
-            note = "" if needed == self.min_agreement else f"; one input of {samples} allowed"
+            budget = 100.0 - self.min_agreement
+            allowed = effective_budget(budget, samples)
+            note = "" if allowed == budget else f"; one input of {samples} allowed"
             detail = (
                 f"top-1 agreement with {reference} {result['top1_agreement']:.2f}% "
                 f"(at least {self.min_agreement:g}%{note})"
@@ -214,7 +214,7 @@ class EvalGates:
             gates.append(
                 Gate(
                     name=f"agreement:{name}",
-                    passed=result["top1_agreement"] >= needed - 1e-9,
+                    passed=100.0 - result["top1_agreement"] <= allowed + 1e-9,
                     detail=detail,
                 )
             )
