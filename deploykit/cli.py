@@ -493,6 +493,7 @@ def eval_(
     from deploykit import api
     from deploykit.errors import GateError
     from deploykit.harness.display import render_eval
+    from deploykit.harness.report import Gate, gate_failures
 
     gates = api.EvalGates(
         min_agreement=min_agreement,
@@ -516,12 +517,9 @@ def eval_(
         click.echo(json.dumps(result, indent=2))
     else:
         render_eval(_console(), result)
-    failed = [g for g in result["gates"] if not g["passed"]]
-    if failed:
-        raise GateError(
-            f"{result['model']} {result['target']} {result['precision']}: "
-            + "; ".join(f"{g['name']} gate failed ({g['detail']})" for g in failed)
-        )
+    failures = gate_failures([Gate(**g) for g in result["gates"]])
+    if failures:
+        raise GateError(f"{result['model']} {result['target']} {result['precision']}: {failures}")
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,17 @@ class Gate(BaseModel):
     name: str
     passed: bool
     detail: str
+
+
+def gate_status(gates: Sequence[Gate]) -> str:
+    """``ok``, or ``failed: <names>`` of the gates that failed."""
+    failed = [g.name for g in gates if not g.passed]
+    return "failed: " + ", ".join(failed) if failed else "ok"
+
+
+def gate_failures(gates: Sequence[Gate]) -> str:
+    """The failed gates with their numbers, for a GateError's one line ("" if none)."""
+    return "; ".join(f"{g.name} gate failed ({g.detail})" for g in gates if not g.passed)
 
 
 class Report(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any
 from deploykit.backends.registry import require_backend
 from deploykit.errors import UserError
 from deploykit.harness.accuracy import EvalGates
-from deploykit.harness.report import load_report
+from deploykit.harness.report import gate_status, load_report
 from deploykit.models.loaders import load_torch
 from deploykit.pipeline.records import REFERENCE_BATCH, fp32_reference
 from deploykit.pipeline.request import Step, quiet
@@ -125,7 +125,6 @@ def evaluate(
         report.accuracy = {**(report.accuracy or {}), result.dataset: result.to_dict()}
         report.save(folder)
     checked = gates.check(result.to_dict(), short)
-    failed = [g.name for g in checked if not g.passed]
     return {
         "schema_version": 1,
         "kind": "eval",
@@ -136,5 +135,5 @@ def evaluate(
         "evaluation": result.to_dict(),
         "summary": result.summary(),
         "gates": [g.model_dump() for g in checked],
-        "status": "failed: " + ", ".join(failed) if failed else "ok",
+        "status": gate_status(checked),
     }

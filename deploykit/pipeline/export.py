@@ -24,7 +24,7 @@ from deploykit.harness.environment import cpu_info, usable_cores, versions
 from deploykit.harness.fidelity import PRECISION_TOLERANCE, Fidelity, compare_outputs
 from deploykit.harness.inputs import synthetic_images
 from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
-from deploykit.harness.report import Gate, Report
+from deploykit.harness.report import Gate, Report, gate_failures, gate_status
 from deploykit.models.contract import InputContract
 from deploykit.models.loaders import RANDOM_WEIGHTS_NOTE, ModelSource, load_torch, resolve
 from deploykit.pipeline import int8
@@ -377,14 +377,11 @@ def _measure_stages(
 
 def _gate_failure(plan: _Plan, report: Report) -> GateError | None:
     """Mark the report failed and return the error when any gate failed."""
-    failed = [g for g in report.gates if not g.passed]
-    if not failed:
+    failures = gate_failures(report.gates)
+    if not failures:
         return None
-    report.status = "failed: " + ", ".join(g.name for g in failed)
-    return GateError(
-        f"{plan.source.name} on {plan.backend.name}: "
-        + "; ".join(f"{g.name} gate failed ({g.detail})" for g in failed)
-    )
+    report.status = gate_status(report.gates)
+    return GateError(f"{plan.source.name} on {plan.backend.name}: {failures}")
 
 
 def _pretrained(source: Any) -> Any:
