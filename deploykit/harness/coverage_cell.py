@@ -20,7 +20,6 @@ from deploykit.harness.coverage_options import (
     CHAOTIC_GAIN,
     FP32_MIN_COSINE,
     INT8_MIN_COSINE,
-    REFERENCE_BATCH,
     CoverageOptions,
     Row,
     Step,
@@ -140,7 +139,9 @@ def _prepare(
     result["structure_torch"] = torch_conv_calls(module, contract)
     inputs, labels, data_label = _eval_inputs(row.model, contract, options, trained)
     result["inputs"] = data_label
-    reference = _torch_outputs(module, inputs)
+    from deploykit.backends.torch.backend import reference_outputs
+
+    reference = reference_outputs(module, inputs)
     floor, gain = rounding_sensitivity(module, inputs, reference, contract, options.seed)
     result["rounding_sensitivity_cosine"] = floor
     result["noise_gain"] = gain
@@ -280,19 +281,6 @@ def _eval_inputs(
     return data.inputs, None, f"synthetic ({data.inputs.shape[0]}; {note})"
 
 
-def _torch_outputs(module: Any, inputs: np.ndarray) -> np.ndarray:
-    import torch
-
-    from deploykit.backends.torch.backend import first_tensor
-
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, inputs.shape[0], REFERENCE_BATCH):
-            chunk = torch.from_numpy(inputs[start : start + REFERENCE_BATCH])
-            outs.append(first_tensor(module(chunk)).float().numpy())
-    return np.concatenate(outs)
-
-
 def rounding_sensitivity(
     module: Any, inputs: np.ndarray, reference: np.ndarray, contract: Any, seed: int
 ) -> tuple[float, float]:
@@ -307,12 +295,13 @@ def rounding_sensitivity(
         (smallest output cosine, largest gain): the gain is a sample's relative output
         error divided by its relative input error.
     """
+    from deploykit.backends.torch.backend import reference_outputs
     from deploykit.harness.fidelity import compare_outputs
 
     rng = np.random.default_rng(30_000 + seed)
     std = np.asarray(contract.std, dtype=np.float32).reshape(1, -1, 1, 1)
     noise = rng.uniform(-0.5, 0.5, size=inputs.shape).astype(np.float32) / 255.0 / std
-    perturbed = _torch_outputs(module, np.ascontiguousarray(inputs + noise, dtype=np.float32))
+    perturbed = reference_outputs(module, np.ascontiguousarray(inputs + noise, dtype=np.float32))
     n = inputs.shape[0]
 
     def rel(delta: np.ndarray, base: np.ndarray) -> np.ndarray:

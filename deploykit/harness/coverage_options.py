@@ -22,7 +22,6 @@ DEFAULT_MAX_ACCURACY_DROP = 1.0
 # ResNet basic 3.8x, ResNeXt 4.3x, DPN 4.4x, Xception 5.7x, ShuffleNet v2 6.5x, ResNet
 # bottleneck 7.8x, MobileNet v3 17x, MobileNet v2 59x; single random blocks < 0.5x.
 CHAOTIC_GAIN = 4.0
-REFERENCE_BATCH = 64
 Step = Callable[[str], None]
 
 

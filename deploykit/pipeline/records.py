@@ -13,7 +13,8 @@ import numpy as np
 from deploykit.fsutil import sha256_file
 from deploykit.harness.report import Report, StageRecord
 
-# PyTorch references take any batch: evaluation sets run through them in chunks this big.
+# PyTorch references take any batch: evaluation sets are handed to them this many at a time
+# (the reference splits them further; see deploykit.backends.torch.backend.reference_outputs).
 REFERENCE_BATCH = 64
 
 
@@ -86,13 +87,10 @@ def gpu_device(device: str) -> dict[str, Any]:
 def fp32_reference(module: Any, onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """The FP32 reference: the PyTorch model, or ONNX Runtime on the input ONNX file."""
     if module is not None:
-        import torch
-
-        from deploykit.backends.torch.backend import first_tensor
+        from deploykit.backends.torch.backend import reference_outputs
 
         def torch_reference(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return np.asarray(first_tensor(module(torch.from_numpy(x))).float().numpy())
+            return reference_outputs(module, x)
 
         return torch_reference, "pytorch fp32"
     from deploykit.stages.onnxcheck import OrtSession
