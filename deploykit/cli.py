@@ -284,7 +284,8 @@ def export(
     """Export MODEL, fuse, compile for --target, and measure latency and fidelity.
 
     MODEL is a catalogue name (see `deploykit models`), package.module:factory,
-    or a .onnx, .pt2 or TorchScript file.
+    or a .onnx, .pt2 or TorchScript file; or a `deploykit calibrate` folder, whose
+    Q/DQ file is compiled as written (INT8, no calibration data needed).
     """
     from deploykit import api
     from deploykit.harness.display import render_report
@@ -292,7 +293,7 @@ def export(
     request = api.ExportRequest(
         model=model,
         target=target,
-        precision=precision or api.default_precision(target),
+        precision=precision or api.default_precision(target, model),
         device=device,
         weights=weights,
         seed=seed,

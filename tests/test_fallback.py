@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from deploykit import api
@@ -77,20 +76,9 @@ def test_ranking_finds_the_gemm_behind_a_reshape(tmp_path: Path) -> None:
 
 
 def _eval_set(tmp_path: Path) -> Path:
-    """200 inputs labelled with the FP32 model's own classes (FP32 top-1 = 100%)."""
-    import torch
-    from tinynets import outlier_net
+    from tinynets import outlier_eval_set
 
-    from deploykit.harness.inputs import synthetic_images
-    from deploykit.models.contract import InputContract
-
-    inputs = synthetic_images(InputContract(height=32, width=32, resize=32), 200, seed=5)
-    with torch.inference_mode():
-        labels = outlier_net()(torch.from_numpy(inputs)).argmax(dim=1).numpy()
-    assert len(set(labels.tolist())) >= 3  # a real classification, not one class
-    path = tmp_path / "eval.npz"
-    np.savez(path, inputs=inputs, labels=labels)
-    return path
+    return outlier_eval_set(tmp_path / "eval.npz")
 
 
 def _outlier_run(target: str, eval_path: Path, **options: Any) -> dict[str, Any]:

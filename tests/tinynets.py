@@ -7,6 +7,8 @@ that exports in well under a second.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -142,6 +144,21 @@ def outlier_net() -> nn.Module:
     """The INT8-sensitive net, seeded."""
     torch.manual_seed(3)
     return OutlierNet().eval()
+
+
+def outlier_eval_set(path: Path) -> Path:
+    """200 32x32 inputs labelled with outlier_net's own classes (FP32 top-1 = 100%), as .npz."""
+    import numpy as np
+
+    from deploykit.harness.inputs import synthetic_images
+    from deploykit.models.contract import InputContract
+
+    inputs = synthetic_images(InputContract(height=32, width=32, resize=32), 200, seed=5)
+    with torch.inference_mode():
+        labels = outlier_net()(torch.from_numpy(inputs)).argmax(dim=1).numpy()
+    assert len(set(labels.tolist())) >= 3  # a real classification, not one class
+    np.savez(path, inputs=inputs, labels=labels)
+    return path
 
 
 class SaturatingNet(nn.Module):

@@ -27,6 +27,7 @@ from deploykit.harness.latency import LatencyOptions, LatencyStats, measure
 from deploykit.harness.report import Gate, Report, gate_failures, gate_status
 from deploykit.models.contract import InputContract
 from deploykit.models.loaders import RANDOM_WEIGHTS_NOTE, ModelSource, load_torch, resolve
+from deploykit.pipeline import calibrated as calibration_folder
 from deploykit.pipeline import int8
 from deploykit.pipeline.records import (
     fp32_reference,
@@ -53,6 +54,7 @@ class _Plan:
     threads: int
     export_options: Any  # deploykit.stages.export.ExportOptions
     final: Path
+    prebuilt: calibration_folder.CalibrationFolder | None = None  # `deploykit calibrate`'s
 
 
 def export(request: ExportRequest, on_step: Step = quiet) -> ExportResult:
@@ -94,12 +96,18 @@ def _check(request: ExportRequest) -> _Plan:
     from deploykit.stages.export import ExportOptions
 
     request, backend = _check_target(request)
-    source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+    prebuilt = calibration_folder.find(request.model)
+    if prebuilt is not None:
+        calibration_folder.check_request(request, prebuilt, backend.capabilities())
+        source, contract = prebuilt.source(), prebuilt.contract()
+    else:
+        source, contract = resolve(request.model, request.weights, request.seed, request.input_size)
+        _refuse_quantized_onnx(source)
     if request.bn_recalibrate and not source.random_weights:
         raise UserError("bn_recalibrate applies to random-weight models only; drop it")
     pretrained = _pretrained(source)
     calib_options = None
-    if request.precision == "int8":
+    if request.precision == "int8" and prebuilt is None:
         if request.calib is None and pretrained is not None and pretrained.calib_set:
             request = dataclasses.replace(request, calib=pretrained.calib_set)
         calib_options = _int8_options(request, backend, source.name)
@@ -131,7 +139,7 @@ def _check(request: ExportRequest) -> _Plan:
         batch=batch if rng is None else 1,
         dynamic_batch=rng,
     )
-    if source.is_torch:
+    if source.is_torch and prebuilt is None:
         options.order()  # validate opset/exporter before any work
     final = Path(request.out) / source.name / f"{backend.name}-{request.precision}"
     if request.dry_run:  # never replaces a built run folder
@@ -148,7 +156,27 @@ def _check(request: ExportRequest) -> _Plan:
         threads=threads,
         export_options=options,
         final=final,
+        prebuilt=prebuilt,
     )
+
+
+def _refuse_quantized_onnx(source: ModelSource) -> None:
+    """An ONNX file that is already Q/DQ INT8 has no FP32 model to start from.
+
+    Raises:
+        UserError: The file holds QuantizeLinear/DequantizeLinear nodes.
+    """
+    if source.kind != "onnx":
+        return
+    from deploykit.stages.onnxcheck import load_onnx, op_counts
+
+    counts = op_counts(load_onnx(Path(source.ref), check=False))
+    if counts.get("QuantizeLinear") or counts.get("DequantizeLinear"):
+        raise UserError(
+            f"{source.ref} is already quantized ({counts.get('QuantizeLinear', 0)} "
+            "QuantizeLinear nodes): export the FP32 model, or compile a `deploykit calibrate` "
+            "folder (deploykit export FOLDER --target T)"
+        )
 
 
 def _check_target(request: ExportRequest) -> tuple[ExportRequest, Any]:
@@ -241,12 +269,20 @@ def _run(plan: _Plan, report: Report, work: Path, on_step: Step) -> None:
     request, backend, source, contract = plan.request, plan.backend, plan.source, plan.contract
     caps = backend.capabilities()
     module = None
-    if source.is_torch:
+    if source.is_torch and plan.prebuilt is None:
         on_step("loading the PyTorch model")
         module = load_torch(source)
         int8.bn_recalibration_stage(report, work, module, source, contract, request, caps)
-    fused = _onnx_stages(plan, report, work, module, on_step) if caps.needs_onnx else None
-    compile_input = fused
+    fused = None
+    if plan.prebuilt is not None:
+        compile_input: Path | None = calibration_folder.stage(
+            report, work, plan.prebuilt, caps, on_step
+        )
+    elif caps.needs_onnx:
+        fused = _onnx_stages(plan, report, work, module, on_step)
+        compile_input = fused
+    else:
+        compile_input = None
     calibrated: tuple[Any, Any] | None = None
     if plan.calib_options is not None and fused is not None:
         if request.quantizer == "deploykit":
