@@ -75,8 +75,8 @@ def _calibration_options(func: Any) -> Any:
         click.option(
             "--no-calib-cache",
             is_flag=True,
-            help="Recompute the calibration statistics instead of reusing the cache "
-            "($DEPLOYKIT_CACHE_DIR or ~/.cache/deploykit).",
+            help="Recompute the calibration statistics and GPTQ weight codes instead of "
+            "reusing the cache ($DEPLOYKIT_CACHE_DIR or ~/.cache/deploykit).",
         ),
         click.option(
             "--exact-residuals",

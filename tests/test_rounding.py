@@ -173,16 +173,61 @@ def test_the_rounding_does_not_depend_on_the_encoding(tmp_path: Path) -> None:
     codes, reports = {}, {}
     for encoding in ("s8s8", "u8s8", "mixed"):
         out = tmp_path / f"{encoding}.onnx"
+        # Each encoding computes its own codes here (no cache: a hit would reuse them).
         options = CalibrationOptions(
-            encoding=encoding, weight_rounding="gptq", bias_correction=False, overflow_fix="off"
+            encoding=encoding,
+            weight_rounding="gptq",
+            bias_correction=False,
+            overflow_fix="off",
+            use_cache=False,
         )
         reports[encoding] = calibrate_onnx(net, out, _data(), options).weight_rounding
         codes[encoding] = _weight_codes(out)
+    assert {r["cache"] for r in reports.values()} == {"off"}
     assert len({r["codes_changed"] for r in reports.values()}) == 1, reports
     assert reports["s8s8"]["applied"], reports["s8s8"]
     assert reports["u8s8"]["applied"] == reports["mixed"]["applied"]
     for name, value in codes["u8s8"].items():
         assert np.array_equal(value, codes["mixed"][name]), name
+
+
+def test_the_codes_are_cached_for_every_encoding_and_a_damaged_entry_is_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """One rounding per calibration: the second encoding reads the first one's codes, which
+    are the codes it would compute; a damaged entry is detected, recomputed and rewritten."""
+    net = _dw_net(tmp_path / "net.onnx", outlier=8.0)
+
+    def calibrate(encoding: str, data: Dataset, name: str) -> tuple[dict, dict]:
+        out = tmp_path / f"{name}.onnx"
+        options = CalibrationOptions(
+            encoding=encoding, weight_rounding="gptq", bias_correction=False, overflow_fix="off"
+        )
+        return calibrate_onnx(net, out, data, options).weight_rounding, _weight_codes(out)
+
+    first, first_codes = calibrate("u8s8", _data(), "first")
+    again, again_codes = calibrate("mixed", _data(), "again")
+    assert first["cache"] == "miss" and again["cache"] == "hit", (first, again)
+    assert again["layers_rounded"] == first["layers_rounded"] == 5
+    assert again["codes_changed"] == first["codes_changed"] > 0
+    assert again["applied"] == first["applied"]
+    assert again["skipped"] == first["skipped"]
+    for name, value in first_codes.items():
+        assert np.array_equal(value, again_codes[name]), name
+    # Other calibration inputs: another entry.
+    assert calibrate("mixed", _data(seed=6), "other")[0]["cache"] == "miss"
+
+    entries = sorted((tmp_path / "cache" / "calibration").glob("*.gptq.npz"))
+    assert len(entries) == 2
+    for entry in entries:
+        data = bytearray(entry.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        entry.write_bytes(bytes(data))
+    rebuilt, rebuilt_codes = calibrate("mixed", _data(), "rebuilt")
+    assert rebuilt["cache"].startswith("rebuilt: "), rebuilt["cache"]
+    for name, value in again_codes.items():
+        assert np.array_equal(value, rebuilt_codes[name]), name
+    assert calibrate("u8s8", _data(), "after")[0]["cache"] == "hit"
 
 
 def test_auto_rounding_follows_the_depthwise_rule(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""On-disk cache of calibration statistics: one collection, reused by every encoding and run.
+"""On-disk cache of calibration statistics and GPTQ weight codes: one collection, and one
+rounding, reused by every encoding and run.
 
 An entry holds the per-tensor activation ranges that one calibration pass
 produced, keyed by everything that determines them: the fused model's bytes,
@@ -14,6 +15,9 @@ They are written atomically. A read checks everything it can (valid JSON, the
 checksum, the key fields, finite ranges, tensor names that exist in the model)
 and reports why an entry was rejected; a rejected entry is recomputed and
 rewritten, never used.
+
+The GPTQ codes of `deploykit.stages.rounding` are cached beside them, in ``.gptq.npz``
+entries checked the same way (see `load_codes`).
 
 Location: ``$DEPLOYKIT_CACHE_DIR/calibration/`` when that variable is set, else
 ``${XDG_CACHE_HOME:-~/.cache}/deploykit/calibration/``.
@@ -32,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.fsutil import sha256_file, write_text_atomic
+from deploykit.fsutil import sha256_file, write_bytes_atomic, write_text_atomic
 from deploykit.harness.datasets import Dataset
 
 SCHEMA_VERSION = 4  # 2: entropy on 2048 bins; 3: KL search over |x|; 4: point masses kept
@@ -226,3 +230,93 @@ def _parse_ranges(raw: Any, known_tensors: Collection[str]) -> tuple[Ranges | No
 def _canonical(data: Any) -> str:
     """Deterministic JSON text used for digests (sorted keys, no spaces, no NaN)."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+# GPTQ weight codes (`deploykit.stages.rounding`). They depend on the FP32 model, the
+# calibration inputs and each layer's grid, not on the activation encoding, so one entry
+# serves every backend's file of one calibration: the second backend's export skips the
+# input second moments (EfficientNet-Lite0: 18 of its 20 s of rounding on 2 cores).
+# Entries are .npz files (no pickles) named by the key, with a checksum over the codes.
+CODES_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class CodesLookup:
+    """The outcome of reading a GPTQ codes entry.
+
+    Attributes:
+        vectors: Input vectors per layer, by node name (None unless a hit).
+        codes: The rounded codes of each rounded layer, by node name (None unless a hit).
+        status: ``hit``, ``miss`` or ``rebuilt: <why the entry was rejected>``.
+        path: The entry's file.
+    """
+
+    vectors: dict[str, int] | None
+    codes: dict[str, np.ndarray] | None
+    status: str
+    path: Path
+
+
+def codes_path(digest: str, root: Path | None = None) -> Path:
+    """Where the GPTQ codes entry named `digest` lives."""
+    return (root or cache_dir()) / f"{digest}.gptq.npz"
+
+
+def load_codes(
+    digest: str, shapes: Mapping[str, tuple[int, ...]], root: Path | None = None
+) -> CodesLookup:
+    """Read and verify the codes entry `digest` for layers of the given weight shapes."""
+    path = codes_path(digest, root)
+    if not path.is_file():
+        return CodesLookup(None, None, "miss", path)
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            meta = json.loads(str(entry["meta"]))
+            arrays = {name: entry[f"codes{i}"] for i, name in enumerate(meta["rounded"])}
+    except Exception as exc:  # a damaged zip, a missing array, bad JSON: rebuild
+        return CodesLookup(None, None, f"rebuilt: unreadable entry ({type(exc).__name__})", path)
+    if meta.get("key") != digest or meta.get("schema") != CODES_SCHEMA:
+        return CodesLookup(None, None, "rebuilt: key or schema differs", path)
+    if meta.get("checksum") != _codes_checksum(meta["vectors"], arrays):
+        return CodesLookup(None, None, "rebuilt: checksum mismatch (damaged entry)", path)
+    if set(meta["vectors"]) != set(shapes) or any(
+        arrays[name].shape != tuple(shapes[name]) or arrays[name].dtype != np.int8
+        for name in arrays
+    ):
+        return CodesLookup(None, None, "rebuilt: layers differ from the model's", path)
+    return CodesLookup({k: int(v) for k, v in meta["vectors"].items()}, arrays, "hit", path)
+
+
+def store_codes(
+    digest: str,
+    vectors: Mapping[str, int],
+    codes: Mapping[str, np.ndarray],
+    root: Path | None = None,
+) -> Path:
+    """Write the codes entry `digest` atomically and return its path."""
+    import io
+
+    path = codes_path(digest, root)
+    rounded = list(codes)
+    arrays = {name: np.ascontiguousarray(codes[name], dtype=np.int8) for name in rounded}
+    meta = {
+        "schema": CODES_SCHEMA,
+        "key": digest,
+        "rounded": rounded,
+        "vectors": {k: int(v) for k, v in vectors.items()},
+        "checksum": _codes_checksum(vectors, arrays),
+    }
+    payload = {"meta": np.array(json.dumps(meta))}
+    payload.update({f"codes{i}": arrays[name] for i, name in enumerate(rounded)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def _codes_checksum(vectors: Mapping[str, int], codes: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(_canonical({k: int(v) for k, v in vectors.items()}).encode())
+    for name in sorted(codes):
+        digest.update(name.encode() + b"\0")
+        digest.update(np.ascontiguousarray(codes[name], dtype=np.int8).tobytes())
+    return digest.hexdigest()

@@ -140,7 +140,8 @@ class CalibrationOptions:
         bias_correction: Shift Conv/Gemm biases so per-channel output means match FP32.
             None decides from the graph (on when at least a quarter of the Conv nodes
             are depthwise; see `deploykit.stages.biascorrect.DEPTHWISE_SHARE`).
-        use_cache: Reuse cached statistics; False collects afresh and rewrites the entry.
+        use_cache: Reuse cached statistics and GPTQ codes; False computes both afresh and
+            rewrites the entries.
         nodes_to_exclude: Node names (of the fused graph) kept in float: no Q/DQ on
             their weights (for per-layer fallback).
         exact_residuals: mixed only: make OpenVINO round each Conv output that enters a
@@ -273,7 +274,9 @@ def calibrate_onnx(
             raise UserError(f"{fused.name} has no operator that ONNX Runtime can quantize")
         mode, why = rounding.decide(options.weight_rounding, prep.model)
         if mode == "gptq":
-            rounded = rounding.round_weights(prep.path, model, data.inputs, why)
+            rounded = rounding.round_weights(
+                prep.path, model, data.inputs, why, cache=options.use_cache
+            )
         else:
             rounded = rounding.RoundingReport(mode=mode, applied=False, reason=why)
         enabled, reason = biascorrect.decide(options.bias_correction, prep.model)

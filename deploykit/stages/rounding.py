@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.harness.inputs import spread_subset
-from deploykit.stages import biascorrect
+from deploykit.stages import biascorrect, calibcache
 
 MODES = ("auto", "nearest", "gptq")
 MAX_SAMPLES = 128
@@ -77,11 +77,14 @@ class RoundingReport(biascorrect.GuardedReport):
         mode: ``nearest`` or ``gptq``.
         layers_rounded: Layers whose weights GPTQ rounded.
         codes_changed: Weight codes that differ from nearest rounding.
+        cache: The codes cache (`deploykit.stages.calibcache`): ``hit``, ``miss``,
+            ``rebuilt: <why>`` or ``off``.
     """
 
     mode: str = "gptq"
     layers_rounded: int = 0
     codes_changed: int = 0
+    cache: str = "off"
 
 
 @dataclass
@@ -119,7 +122,11 @@ def decide(option: str | None, float_model: Any) -> tuple[str, str]:
 
 
 def round_weights(
-    float_path: Path, qdq_model: Any, inputs: np.ndarray, reason: str = "gptq (requested)"
+    float_path: Path,
+    qdq_model: Any,
+    inputs: np.ndarray,
+    reason: str = "gptq (requested)",
+    cache: bool = True,
 ) -> RoundingReport:
     """Re-round the INT8 weights of `qdq_model` (in place) with GPTQ.
 
@@ -129,6 +136,8 @@ def round_weights(
         qdq_model: The Q/DQ ``onnx.ModelProto``; its int8 weight initializers are edited.
         inputs: Calibration inputs; MAX_SAMPLES of them, spread over the set, are used.
         reason: Why rounding runs, recorded in the report.
+        cache: Reuse the codes of an earlier rounding of the same model, inputs and grids
+            (any encoding); False computes afresh. New codes are stored either way.
 
     Returns:
         What was rounded, and the output error before and after on the inputs.
@@ -145,7 +154,18 @@ def round_weights(
         report.seconds = time.perf_counter() - started
         return report
     graph_outputs = [o.name for o in float_model.graph.output]
-    reference = _second_moments(float_path, float_model, layers, inputs, graph_outputs)
+    digest = _codes_key(float_path, inputs, layers)
+    cached = None
+    if cache:
+        lookup = calibcache.load_codes(digest, {layer.node: layer.shape for layer in layers})
+        report.cache, cached = lookup.status, lookup.codes
+        if lookup.vectors is not None:
+            for layer in layers:
+                layer.vectors = lookup.vectors[layer.node]
+    if cached is not None:
+        reference = _outputs(float_model, graph_outputs, inputs)
+    else:
+        reference = _second_moments(float_path, float_model, layers, inputs, graph_outputs)
     determined = []
     for layer in layers:
         if layer.vectors < MIN_VECTORS_PER_DIM * layer.positions:
@@ -163,7 +183,11 @@ def round_weights(
         _outputs(qdq_model, graph_outputs, inputs), reference
     )
     backup = {id(layer.codes): _copy(layer.codes) for layer in determined}
-    report.codes_changed = sum(_round_layer(layer) for layer in determined)
+    if cached is not None:
+        report.codes_changed = sum(_set_codes(layer, cached[layer.node]) for layer in determined)
+    else:
+        report.codes_changed = sum(_round_layer(layer) for layer in determined)
+        report.cache = _store_codes(digest, layers, determined) or report.cache
     report.layers_rounded = len(determined)
     report.output_mse_after = biascorrect.output_mse(
         _outputs(qdq_model, graph_outputs, inputs), reference
@@ -244,9 +268,66 @@ def _round_layer(layer: _Layer) -> int:
     nearest = _grouped(old.astype(np.float64), layer.weight.shape[0], layer.transposed)
     limit = np.abs(nearest).max(axis=2)
     codes = gptq(layer.weight, layer.hessian, layer.scale, limit)
-    new = _ungrouped(codes, layer).astype(old.dtype)
+    return _set_codes(layer, _ungrouped(codes, layer))
+
+
+def _set_codes(layer: _Layer, codes: np.ndarray) -> int:
+    """Write `codes` as `layer`'s weight; returns how many codes changed."""
+    from onnx import numpy_helper
+
+    old = numpy_helper.to_array(layer.codes)
+    new = np.asarray(codes).astype(old.dtype)
     layer.codes.CopyFrom(numpy_helper.from_array(new, layer.codes.name))
     return int(np.count_nonzero(new != old))
+
+
+def _store_codes(digest: str, layers: list[_Layer], rounded: list[_Layer]) -> str:
+    """Cache the rounded codes; returns '' or, when the cache cannot be written, why."""
+    from onnx import numpy_helper
+
+    try:
+        calibcache.store_codes(
+            digest,
+            {layer.node: layer.vectors for layer in layers},
+            {layer.node: numpy_helper.to_array(layer.codes) for layer in rounded},
+        )
+    except OSError as exc:
+        return f"off: cannot write {calibcache.cache_dir()}: {exc.strerror or exc}"
+    return ""
+
+
+def _codes_key(float_path: Path, inputs: np.ndarray, layers: list[_Layer]) -> str:
+    """The codes cache key: everything GPTQ's codes depend on.
+
+    The FP32 model's bytes, the inputs, each layer's grid (scales) and nearest codes (which
+    set the code limits), the settings and the versions of the libraries that compute H and
+    the codes. Not the activation encoding: the codes do not depend on it.
+    """
+    import hashlib
+
+    import onnxruntime
+    import torch
+    from onnx import numpy_helper
+
+    from deploykit.fsutil import sha256_file
+
+    digest = hashlib.sha256()
+    header = (
+        calibcache.CODES_SCHEMA,
+        onnxruntime.__version__,
+        torch.__version__,
+        np.__version__,
+        DAMPING,
+        MIN_VECTORS_PER_DIM,
+        sha256_file(float_path),
+        hashlib.sha256(np.ascontiguousarray(inputs, dtype=np.float32).tobytes()).hexdigest(),
+    )
+    digest.update(repr(header).encode())
+    for layer in layers:
+        digest.update(layer.node.encode() + b"\0")
+        digest.update(np.ascontiguousarray(layer.scale, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(numpy_helper.to_array(layer.codes)).tobytes())
+    return digest.hexdigest()
 
 
 def _grouped(array: np.ndarray, groups: int, transposed: bool) -> np.ndarray:
