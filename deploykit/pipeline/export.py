@@ -54,7 +54,7 @@ class _Plan:
     threads: int
     export_options: Any  # deploykit.stages.export.ExportOptions
     final: Path
-    prebuilt: calibration_folder.CalibrationFolder | None = None  # `deploykit calibrate`'s
+    prebuilt: calibration_folder.CalibrationFolder | None = None  # a calibrate folder as MODEL
 
 
 def export(request: ExportRequest, on_step: Step = quiet) -> ExportResult:
