@@ -191,6 +191,29 @@ def test_manifest_records_contract_measurements_and_hashes(
     assert inspected["bundle_id"] == loaded.manifest_sha256
 
 
+def test_a_factory_models_own_class_count_is_packaged(tmp_path: Path) -> None:
+    """A factory model's contract says nothing of its classes (default 1000): the bundle
+    takes the count from the exported model's output, so `verify` passes."""
+    run = api.export(
+        api.ExportRequest(
+            model="tinynets:tiny_net",
+            target="onnxruntime",
+            input_size=(32, 32),
+            out=str(tmp_path / "out"),
+            runs=3,
+            warmup=1,
+            min_seconds=0.0,
+            fidelity_samples=4,
+        )
+    ).run_dir
+    assert load_report(run).input["num_classes"] == 1000
+    bundle = tmp_path / "tiny.dkb"
+    assert _cli("package", str(run), "-o", str(bundle)).exit_code == 0
+    assert validate_manifest(read_bundle(bundle).manifest).output.num_classes == 10
+    verified = _cli("verify", str(bundle))
+    assert verified.exit_code == 0, verified.output
+
+
 def test_ort_mobile_carries_the_reduced_build_operator_config(packaged: Any) -> None:
     bundle, _ = packaged("ort-int8", "ort-mobile")
     loaded = read_bundle(bundle)

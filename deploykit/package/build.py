@@ -11,6 +11,7 @@ within its tolerance; the archive is written to a temporary name and renamed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -101,7 +102,7 @@ def package(
     run = RunFolder(folder, report)
     on_step(f"building the {fmt} artifact")
     payload = BUILDERS[fmt](run, options)
-    contract = _contract(report)
+    contract = _contract(report, run.path)
     files = dict(payload.files)
     labels, label_set = _labels(report, contract, options.labels)
     if labels is not None:
@@ -145,14 +146,36 @@ def package(
     }
 
 
-def _contract(report: Report) -> InputContract:
+def _contract(report: Report, folder: Path) -> InputContract:
+    """The run's input contract, with the class count of the model's own output.
+
+    A factory or file model's contract does not know its class count (catalogue default
+    1000, ONNX files 0); the exported model's first output, (batch, classes), does.
+    """
     fields = {k: v for k, v in report.input.items() if k not in ("batch", "dynamic_batch")}
     try:
-        return InputContract.from_dict(fields)
+        contract = InputContract.from_dict(fields)
     except (TypeError, ValueError) as exc:
         raise UserError(
             f"report.json has an invalid input contract ({exc}); re-run export"
         ) from exc
+    classes = _output_classes(folder / "model.onnx")
+    if classes is not None and classes != contract.num_classes:
+        contract = dataclasses.replace(contract, num_classes=classes)
+    return contract
+
+
+def _output_classes(path: Path) -> int | None:
+    """The static last dimension of a 2-D first output of the ONNX model at `path`."""
+    import onnx
+
+    if not path.is_file():
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) != 2 or not dims[1].HasField("dim_value") or dims[1].dim_value < 1:
+        return None
+    return int(dims[1].dim_value)
 
 
 def _labels(
