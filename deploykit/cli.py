@@ -427,6 +427,8 @@ def calibrate(
             f"from {cal['data']['source']}"
             + (f", {len(cal['nodes_excluded'])} layer(s) in float" if cal["nodes_excluded"] else "")
         )
+        target = {"s8s8": "tensorrt", "u8s8": "onnxruntime", "mixed": "openvino"}[cal["encoding"]]
+        click.echo(f"compile it as written: deploykit export {result['out']} --target {target}")
 
 
 @main.command(name="eval")

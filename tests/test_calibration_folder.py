@@ -89,7 +89,14 @@ def test_export_compiles_the_folders_qdq_file_as_written(
 
 
 def test_cli_defaults_to_int8_and_names_a_slower_encoding(tmp_path: Path) -> None:
-    folder = _calibrate(tmp_path / "qdq", "mixed", model="tiny_net")
+    folder = tmp_path / "qdq"
+    calibrated = CliRunner().invoke(
+        main,
+        ["calibrate", "tinynets:tiny_net", "--calib", "synthetic", "--calib-samples", "32"]
+        + ["--input-size", "32", "--encoding", "mixed", "-o", str(folder)],
+    )
+    assert calibrated.exit_code == 0, calibrated.output
+    assert f"deploykit export {folder} --target openvino" in calibrated.output
     result = CliRunner().invoke(
         main,
         ["export", str(folder / "model.int8.qdq.onnx"), "-t", "onnxruntime", "--no-eval"]
