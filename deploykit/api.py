@@ -49,15 +49,10 @@ __all__ = [
 def default_precision(target: str, model: str | None = None) -> str:
     """The precision `export` uses when none is given: INT8 for a `deploykit calibrate`
     folder (its Q/DQ file), FP16 engines for TensorRT, else FP32."""
-    from pathlib import Path
+    from deploykit.pipeline.calibrated import folder_of
 
-    from deploykit.pipeline.calibrated import QDQ, RECORD
-
-    if model is not None:
-        path = Path(model)
-        folder = path.parent if path.name == QDQ else path
-        if (folder / RECORD).is_file():
-            return "int8"
+    if model is not None and folder_of(model) is not None:
+        return "int8"
     return "fp16" if target in ("tensorrt", "trt") else "fp32"
 
 

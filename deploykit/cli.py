@@ -427,8 +427,18 @@ def calibrate(
             f"from {cal['data']['source']}"
             + (f", {len(cal['nodes_excluded'])} layer(s) in float" if cal["nodes_excluded"] else "")
         )
-        target = {"s8s8": "tensorrt", "u8s8": "onnxruntime", "mixed": "openvino"}[cal["encoding"]]
-        click.echo(f"compile it as written: deploykit export {result['out']} --target {target}")
+        from deploykit.backends.registry import backend_names, get_backend
+
+        target = next(
+            (
+                name
+                for name in backend_names()
+                if get_backend(name).capabilities().int8_encoding == cal["encoding"]
+            ),
+            None,
+        )
+        if target is not None:
+            click.echo(f"compile it as written: deploykit export {result['out']} --target {target}")
 
 
 @main.command(name="eval")

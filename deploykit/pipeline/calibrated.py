@@ -87,18 +87,22 @@ class CalibrationFolder:
         return InputContract.from_dict(self.record["input"])
 
 
+def folder_of(model: str) -> Path | None:
+    """The calibration folder `model` names (the folder or its Q/DQ file), else None."""
+    path = Path(model)
+    if path.is_file() and path.name == QDQ:
+        path = path.parent
+    return path if path.is_dir() and (path / RECORD).is_file() else None
+
+
 def find(model: str) -> CalibrationFolder | None:
-    """The calibration folder `model` names (the folder or its Q/DQ file), else None.
+    """The checked calibration folder `model` names (see `folder_of`), else None.
 
     Raises:
         UserError: A calibration folder that cannot be used as it is (see `load`).
     """
-    path = Path(model)
-    if path.is_file() and path.name == QDQ and (path.parent / RECORD).is_file():
-        path = path.parent
-    if not (path.is_dir() and (path / RECORD).is_file()):
-        return None
-    return load(path)
+    folder = folder_of(model)
+    return load(folder) if folder is not None else None
 
 
 def load(folder: Path) -> CalibrationFolder:
